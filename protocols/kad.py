@@ -1,0 +1,331 @@
+"""The libp2p Kademlia wire format (libp2p/specs kad-dht), as a hand-written protobuf codec.
+
+```
+message Record { bytes key = 1; bytes value = 2; string timeReceived = 5; }
+message Message {
+  enum MessageType { PUT_VALUE = 0; GET_VALUE = 1; ADD_PROVIDER = 2; GET_PROVIDERS = 3;
+                     FIND_NODE = 4; PING = 5; }
+  enum ConnectionType { NOT_CONNECTED = 0; CONNECTED = 1; CAN_CONNECT = 2; CANNOT_CONNECT = 3; }
+  message Peer { bytes id = 1; repeated bytes addrs = 2; ConnectionType connection = 3; }
+  MessageType type = 1; int32 clusterLevelRaw = 10; bytes key = 2; Record record = 3;
+  repeated Peer closerPeers = 8; repeated Peer providerPeers = 9;
+}
+```
+
+Encoding is byte-identical to protobuf's own (proto3: defaults left out, fields in number
+order), so go-, js- and rust-libp2p nodes speak to us unchanged; each message travels in
+one :mod:`~modelnet.protocols.framing` frame. Decoding follows protobuf where it is safe
+(unknown fields of every wire type skipped, a repeated sub-message merged, last scalar
+wins) and is stricter where leniency would only hide a broken peer: a known field with the
+wrong wire type, an unknown message type, invalid UTF-8, and sizes past the caps below are
+:class:`RemoteProtocolError`. We run on ``/modelnet/kad/1.0.0``, never IPFS's DHT.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+from typing import Iterable, Iterator
+
+from modelnet.identity import IdentityError, PeerID
+
+from . import multiaddr
+from .errors import LocalProtocolError, RemoteProtocolError
+from .framing import decode_uvarint, encode_uvarint
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_ID = "/modelnet/kad/1.0.0"
+MAX_MESSAGE_SIZE = 1 << 20  # bytes; also the frame limit the driver should use
+MAX_PEERS = 100  # per closerPeers / providerPeers list (a FIND_NODE answer carries K = 20)
+MAX_ADDRS = 32  # per peer
+MAX_KEY_SIZE = 1024  # bytes, for Message.key and Record.key
+
+_VARINT, _FIXED64, _LEN, _START_GROUP, _END_GROUP, _FIXED32 = range(6)
+_MAX_FIELD_NUMBER = (1 << 29) - 1
+_MAX_GROUP_DEPTH = 32  # unknown groups nest; bound the recursion that skips them
+_U64 = (1 << 64) - 1
+
+
+class MessageType(enum.IntEnum):
+    PUT_VALUE = 0
+    GET_VALUE = 1
+    ADD_PROVIDER = 2
+    GET_PROVIDERS = 3
+    FIND_NODE = 4
+    PING = 5
+
+
+class ConnectionType(enum.IntEnum):
+    NOT_CONNECTED = 0
+    CONNECTED = 1
+    CAN_CONNECT = 2
+    CANNOT_CONNECT = 3
+
+
+_CONNECTION_VALUES = frozenset(ConnectionType)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class KadPeer:
+    """``Message.Peer``: a peer id (multihash bytes) and its binary multiaddrs."""
+
+    id: bytes
+    addrs: tuple[bytes, ...] = ()
+    connection: ConnectionType = ConnectionType.NOT_CONNECTED
+
+    @classmethod
+    def from_peer(
+        cls,
+        peer: PeerID,
+        addrs: Iterable[str],
+        connection: ConnectionType = ConnectionType.NOT_CONNECTED,
+    ) -> KadPeer:
+        """Text multiaddrs are encoded; ones that don't encode, and any past MAX_ADDRS, are left out."""
+        encoded: list[bytes] = []
+        for addr in addrs:
+            try:
+                encoded.append(multiaddr.to_bytes(addr))
+            except LocalProtocolError as exc:
+                log.debug("leaving out address %r of %s: %s", addr, peer, exc)
+        if len(encoded) > MAX_ADDRS:
+            log.debug("leaving out %d addresses of %s past %d", len(encoded) - MAX_ADDRS, peer, MAX_ADDRS)
+        return cls(peer.bytes, tuple(encoded[:MAX_ADDRS]), connection)
+
+    def to_peer(self) -> tuple[PeerID, list[str]]:
+        """The peer id and text multiaddrs; undecodable addresses are dropped, not fatal."""
+        try:
+            peer = PeerID.from_bytes(self.id)
+        except IdentityError as exc:
+            raise RemoteProtocolError(f"kad peer with a bad id: {exc}") from None
+        addrs = []
+        for data in self.addrs:
+            try:
+                addrs.append(multiaddr.from_bytes(data))
+            except RemoteProtocolError as exc:
+                log.debug("dropping an address of %s: %s", peer, exc)
+        return peer, addrs
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class KadRecord:
+    key: bytes
+    value: bytes
+    time_received: str = ""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class KadMessage:
+    type: MessageType
+    key: bytes = b""
+    record: KadRecord | None = None
+    closer_peers: tuple[KadPeer, ...] = ()
+    provider_peers: tuple[KadPeer, ...] = ()
+    cluster_level: int = 0
+
+
+# ---- writing ----------------------------------------------------------------------------
+
+
+def _serialize(fields: Iterable[tuple[int, int | bytes | list[bytes]]]) -> bytes:
+    """Protobuf bytes of ``(field number, value)`` pairs, given in field-number order.
+
+    An int (int32, enum) or bytes is a singular proto3 field: left out when zero or empty.
+    A list is a repeated field or a present sub-message: every item is written.
+    """
+    out = bytearray()
+    for number, value in fields:
+        if isinstance(value, int):
+            if value:  # a negative int32 goes out as its 64-bit two's complement, as protobuf does
+                out += encode_uvarint(number << 3 | _VARINT) + encode_uvarint(value & _U64)
+            continue
+        if isinstance(value, (bytes, bytearray)):
+            if not value:
+                continue
+            value = [value]
+        elif not isinstance(value, list) or not all(isinstance(v, (bytes, bytearray)) for v in value):
+            raise LocalProtocolError(f"field {number}: expected bytes, got {value!r:.80}")
+        for item in value:
+            out += encode_uvarint(number << 3 | _LEN) + encode_uvarint(len(item)) + item
+    return bytes(out)
+
+
+def _check_size(what: str, size: int, cap: int) -> None:
+    if size > cap:
+        raise LocalProtocolError(f"{what}: {size} is over the limit of {cap}")
+
+
+def _encode_peer(peer: KadPeer) -> bytes:
+    _check_size("addresses of a peer", len(peer.addrs), MAX_ADDRS)
+    return _serialize([(1, peer.id), (2, list(peer.addrs)), (3, ConnectionType(peer.connection))])
+
+
+def _encode_peers(what: str, peers: tuple[KadPeer, ...]) -> list[bytes]:
+    _check_size(what, len(peers), MAX_PEERS)
+    return [_encode_peer(peer) for peer in peers]
+
+
+def _encode_record(record: KadRecord) -> bytes:
+    _check_size("record key size", len(record.key), MAX_KEY_SIZE)
+    try:
+        time_received = record.time_received.encode("utf-8")
+    except (AttributeError, UnicodeEncodeError) as exc:
+        raise LocalProtocolError(f"time_received is not text: {exc}") from None
+    return _serialize([(1, record.key), (2, record.value), (5, time_received)])
+
+
+def encode_message(msg: KadMessage) -> bytes:
+    """The protobuf bytes of ``msg``; :class:`LocalProtocolError` if it breaks a limit."""
+    _check_size("key size", len(msg.key), MAX_KEY_SIZE)
+    if not -(1 << 31) <= msg.cluster_level < 1 << 31:
+        raise LocalProtocolError(f"cluster_level {msg.cluster_level} is not an int32")
+    try:
+        data = _serialize(
+            [
+                (1, MessageType(msg.type)),
+                (2, msg.key),
+                (3, [] if msg.record is None else [_encode_record(msg.record)]),
+                (8, _encode_peers("closer peers", msg.closer_peers)),
+                (9, _encode_peers("provider peers", msg.provider_peers)),
+                (10, msg.cluster_level),
+            ]
+        )
+    except ValueError as exc:  # an int that is no MessageType / ConnectionType
+        raise LocalProtocolError(str(exc)) from None
+    _check_size("message size", len(data), MAX_MESSAGE_SIZE)
+    return data
+
+
+# ---- reading ----------------------------------------------------------------------------
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    header = decode_uvarint(data, pos)  # raises RemoteProtocolError past 10 bytes
+    if header is None:
+        raise RemoteProtocolError("truncated varint")
+    value, pos = header
+    return value & _U64, pos
+
+
+def _skip_group(data: bytes, pos: int, number: int, depth: int) -> int:
+    if depth > _MAX_GROUP_DEPTH:
+        raise RemoteProtocolError("groups nested too deep")
+    while True:
+        tag, pos = _read_varint(data, pos)
+        if tag & 7 == _END_GROUP:
+            if tag >> 3 != number:
+                raise RemoteProtocolError("end of group does not match its start")
+            return pos
+        _, pos = _read_field(data, pos, tag, depth + 1)
+
+
+def _read_field(data: bytes, pos: int, tag: int, depth: int = 0) -> tuple[int | bytes | None, int]:
+    """The value of the field with ``tag`` at ``pos`` (None for a group), and the next offset."""
+    number, wire = tag >> 3, tag & 7
+    if not 1 <= number <= _MAX_FIELD_NUMBER:
+        raise RemoteProtocolError(f"field number {number} out of range")
+    if wire == _VARINT:
+        return _read_varint(data, pos)
+    if wire in (_FIXED64, _FIXED32, _LEN):
+        if wire == _LEN:
+            size, pos = _read_varint(data, pos)
+        else:
+            size = 8 if wire == _FIXED64 else 4
+        if len(data) - pos < size:
+            raise RemoteProtocolError(f"field {number} truncated")
+        value = data[pos : pos + size]
+        return (value if wire == _LEN else int.from_bytes(value, "little")), pos + size
+    if wire == _START_GROUP:
+        return None, _skip_group(data, pos, number, depth)
+    raise RemoteProtocolError(f"field {number}: unexpected wire type {wire}")
+
+
+def _fields(data: bytes, known: dict[int, int]) -> Iterator[tuple[int, int | bytes]]:
+    """``(number, value)`` of each field in ``known`` (number -> wire type); others skipped."""
+    pos = 0
+    while pos < len(data):
+        tag, pos = _read_varint(data, pos)
+        value, pos = _read_field(data, pos, tag)
+        number = tag >> 3
+        if number in known:
+            if tag & 7 != known[number]:
+                raise RemoteProtocolError(f"field {number} has wire type {tag & 7}, not {known[number]}")
+            yield number, value
+
+
+def _int32(value: int) -> int:
+    value &= 0xFFFFFFFF  # protobuf reads an int32 varint as its low 32 bits
+    return value - (1 << 32) if value >> 31 else value
+
+
+def _capped(what: str, value: bytes, cap: int) -> bytes:
+    if len(value) > cap:
+        raise RemoteProtocolError(f"{what} of {len(value)} bytes is over the limit of {cap}")
+    return value
+
+
+def _decode_peer(data: bytes) -> KadPeer:
+    peer_id, addrs, connection = b"", [], ConnectionType.NOT_CONNECTED
+    for number, value in _fields(data, {1: _LEN, 2: _LEN, 3: _VARINT}):
+        if number == 1:
+            peer_id = value
+        elif number == 2:
+            if len(addrs) == MAX_ADDRS:
+                raise RemoteProtocolError(f"a peer with more than {MAX_ADDRS} addresses")
+            addrs.append(value)
+        else:
+            # only a hint: a value from a newer spec is read as "don't know", not an error
+            value = _int32(value)
+            known = value in _CONNECTION_VALUES
+            connection = ConnectionType(value) if known else ConnectionType.NOT_CONNECTED
+    return KadPeer(peer_id, tuple(addrs), connection)
+
+
+def _decode_record(parts: list[bytes]) -> KadRecord:
+    key, value, time_received = b"", b"", ""
+    for part in parts:  # a sub-message sent twice is merged, later fields winning, as protobuf does
+        for number, field in _fields(part, {1: _LEN, 2: _LEN, 5: _LEN}):
+            if number == 1:
+                key = _capped("record key", field, MAX_KEY_SIZE)
+            elif number == 2:
+                value = field
+            else:
+                try:
+                    time_received = field.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise RemoteProtocolError("timeReceived is not UTF-8") from None
+    return KadRecord(key, value, time_received)
+
+
+def decode_message(data: bytes) -> KadMessage:
+    """A :class:`KadMessage` from protobuf bytes; :class:`RemoteProtocolError` if malformed."""
+    data = bytes(data)
+    _capped("message", data, MAX_MESSAGE_SIZE)
+    msg_type, key, cluster_level = MessageType.PUT_VALUE, b"", 0
+    record_parts: list[bytes] = []  # non-empty iff a record was sent, even an empty one
+    peers: dict[int, list[KadPeer]] = {8: [], 9: []}
+    for number, value in _fields(data, {1: _VARINT, 2: _LEN, 3: _LEN, 8: _LEN, 9: _LEN, 10: _VARINT}):
+        if number == 1:
+            try:
+                msg_type = MessageType(_int32(value))
+            except ValueError:
+                raise RemoteProtocolError(f"unknown message type {_int32(value)}") from None
+        elif number == 2:
+            key = _capped("key", value, MAX_KEY_SIZE)
+        elif number == 3:
+            record_parts.append(value)
+        elif number == 10:
+            cluster_level = _int32(value)
+        else:
+            if len(peers[number]) == MAX_PEERS:
+                raise RemoteProtocolError(f"more than {MAX_PEERS} peers in one list")
+            peers[number].append(_decode_peer(value))
+    return KadMessage(
+        type=msg_type,
+        key=key,
+        record=_decode_record(record_parts) if record_parts else None,
+        closer_peers=tuple(peers[8]),
+        provider_peers=tuple(peers[9]),
+        cluster_level=cluster_level,
+    )
