@@ -37,3 +37,7 @@ class WrongDomain(IdentityError):
 
 class KeystoreError(IdentityError):
     """A keystore file that is missing, unreadable, too open, or wrongly decrypted."""
+
+
+class CanonicalEncodingError(IdentityError):
+    """A value that has no canonical encoding (unsupported type, non-str key, out of range)."""

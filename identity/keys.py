@@ -131,15 +131,19 @@ class PrivateKey:
 class PeerID:
     """A libp2p peer id: the identity multihash of an Ed25519 public key."""
 
-    __slots__ = ("bytes", "_text")
+    __slots__ = ("bytes", "_text", "_hash")
 
     def __init__(self, multihash: bytes) -> None:
         multihash = bytes(multihash)
         if len(multihash) < 3 or multihash[0] != _IDENTITY_MULTIHASH or multihash[1] != len(multihash) - 2:
             raise InvalidPeerId("peer id is not an identity multihash of a public key")
-        PublicKey.from_protobuf(multihash[2:])  # raises MalformedKey on anything but Ed25519
+        # Shape check only (no curve arithmetic): ids are parsed in bulk from DHT answers;
+        # the key itself is built when someone needs to verify with it.
+        if len(multihash) != 38 or multihash[2:6] != _ED25519_PROTOBUF_PREFIX:
+            raise MalformedKey("only Ed25519 public keys in libp2p protobuf form are accepted")
         self.bytes = multihash
-        self._text = b58encode(multihash)
+        self._text: str | None = None  # base58 on first use: ids are parsed far more often than printed
+        self._hash = hash(multihash)
 
     @classmethod
     def from_public_key(cls, key: PublicKey) -> "PeerID":
@@ -167,13 +171,15 @@ class PeerID:
         return PublicKey.from_protobuf(self.bytes[2:])
 
     def short(self) -> str:
-        return self._text[-8:]
+        return str(self)[-8:]
 
     def __str__(self) -> str:
+        if self._text is None:
+            self._text = b58encode(self.bytes)
         return self._text
 
     def __repr__(self) -> str:
-        return f"PeerID({self._text})"
+        return f"PeerID({self})"
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, PeerID) and other.bytes == self.bytes
@@ -182,4 +188,4 @@ class PeerID:
         return self.bytes < other.bytes
 
     def __hash__(self) -> int:
-        return hash(self.bytes)
+        return self._hash
