@@ -198,6 +198,7 @@ class KademliaDHT:
         Returns the routing table's size; raises BootstrapFailed if no peer answered.
         """
         reached = 0
+        failures: list[str] = []
 
         async def reach(peer: PeerID, addrs: Sequence[str]) -> None:
             nonlocal reached
@@ -206,7 +207,7 @@ class KademliaDHT:
             try:
                 await self._request(peer, KadMessage(MessageType.FIND_NODE, key=self.peer_id.bytes))
             except RequestFailed as exc:
-                logger.warning("bootstrap peer %s unreachable: %s", peer, exc)
+                failures.append(f"{peer}: {exc.__cause__ or exc}")
             else:
                 reached += 1
 
@@ -215,7 +216,9 @@ class KademliaDHT:
                 if peer != self.peer_id:
                     nursery.start_soon(reach, peer, addrs)
         if not reached:
-            raise BootstrapFailed(f"none of {len(peers)} bootstrap peers answered")
+            raise BootstrapFailed(f"none of {len(peers)} bootstrap peers answered ({'; '.join(failures)})")
+        for failure in failures:  # joined anyway: worth a warning, not an error
+            logger.warning("bootstrap peer unreachable: %s", failure)
         await self._refresh()
         return len(self.routing_table)
 
@@ -293,6 +296,27 @@ class KademliaDHT:
             outdated = [peer for peer, value in answers.items() if value != best]
             await self._store_on(outdated, key, best)
         return best
+
+    async def get_value_from(self, peer: PeerID, key: bytes) -> bytes | None:
+        """GET_VALUE asked of one peer (one round trip, no lookup); validated, or None.
+
+        For records a known peer holds about itself, such as its own capability record.
+        Raises RequestFailed if the peer cannot be asked.
+        """
+        validator = find_validator(self._validators, key)
+        if validator is None:
+            raise RecordRejected(f"no validator for key {key[:40]!r}")
+        reply = await self._request(peer, KadMessage(MessageType.GET_VALUE, key=key))
+        record = reply.record if reply is not None else None
+        if record is None or record.key != key:
+            return None
+        now = self._wall_clock()
+        try:
+            validator.validate(key, record.value, now)
+        except ModelNetError as exc:
+            logger.info("dropping an invalid value for %r from %s: %s", key[:40], peer, exc)
+            return None
+        return record.value
 
     async def provide(self, key: bytes) -> int:
         """Announce this node as a provider of ``key`` to the k closest peers; renewed

@@ -1,0 +1,5 @@
+import sys
+
+from modelnet.cli.main import main
+
+sys.exit(main())

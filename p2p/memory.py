@@ -1,0 +1,537 @@
+"""An in-process network of hosts: deterministic under ``autojump_clock``, cheap enough for
+10,000 hosts in one process.
+
+Model (what a test can rely on):
+- Addresses are ``/memory/<n>``; a host is dialled by address and must answer under the
+  peer id the caller expects (like Noise would check).
+- A connection costs one round trip to set up, a stream one more (the multistream
+  negotiation). Bytes written arrive after the one-way latency of the link, plus a
+  seeded jitter, in order. Buffers are unbounded: there is no flow control.
+- Nothing runs per stream or per host in the background: a stream is two queues of
+  ``(deliver_at, bytes)`` and a reader sleeps until its head is deliverable. The only
+  tasks are the stream handlers, started in the remote host's nursery.
+- Every random choice (stream loss, jitter) is a hash of the seed and of what it
+  decides about, never of scheduling order, so a run repeats exactly.
+- Failure injection: :meth:`MemoryNetwork.partition` (cross-group connections are
+  dropped, their streams reset, dials fail), :meth:`MemoryNetwork.crash` (all streams
+  of the host reset, it becomes unreachable, its handlers stop),
+  :meth:`MemoryNetwork.freeze` (half-open: bytes to and from it vanish, dials and
+  stream negotiations to it hang until the internal bound, then fail), and ``loss``
+  (a new stream is black-holed: it opens, but its bytes never arrive and no handler
+  runs, so the caller's deadline fires).
+- A stream handler runs in the remote host's nursery; an exception escaping it is
+  logged and resets the stream; when it returns, its side of the stream is closed.
+  Closing or crashing a host cancels its handlers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import types
+from collections import deque
+from contextlib import asynccontextmanager
+from typing import AsyncIterator, Iterable, Mapping, Sequence
+
+import trio
+
+from modelnet.identity import PeerID, PrivateKey
+
+from .errors import DialError, HostClosed, P2PError, ProtocolNotSupported, StreamClosed
+from .host import DisconnectListener, Host, PeerInfo, PeerListener, Stream, StreamHandler
+from .streams import AddressBook, PeerListeners, lone_error_unwrapped
+
+logger = logging.getLogger(__name__)
+
+ADDRESS_PREFIX = "/memory/"
+# Bounds on a dial and on a stream negotiation to a peer that never answers (a frozen
+# one), the same as the libp2p host's; callers normally give up sooner with fail_after.
+DIAL_TIMEOUT = 10.0
+NEGOTIATE_TIMEOUT = 10.0
+
+
+@dataclasses.dataclass(slots=True)
+class NetworkStats:
+    """Counters since the network was made."""
+
+    dials: int = 0  # connection attempts that reached the network
+    streams: int = 0  # streams opened (negotiated)
+    bytes: int = 0  # bytes written into streams
+    dropped_bytes: int = 0  # bytes that went nowhere (lost stream, frozen peer)
+    lost_streams: int = 0  # streams black-holed by ``loss``
+
+
+def _draw(*parts: bytes | int | str) -> float:
+    """A uniform float in [0, 1) that depends only on ``parts`` (not on process or order)."""
+    h = hashlib.blake2b(digest_size=8)
+    for part in parts:
+        if isinstance(part, int):
+            part = part.to_bytes(8, "big", signed=True)
+        elif isinstance(part, str):
+            part = part.encode()
+        h.update(len(part).to_bytes(2, "big"))
+        h.update(part)
+    return int.from_bytes(h.digest(), "big") / 2**64
+
+
+async def _sleep(seconds: float) -> None:
+    if seconds > 0:
+        await trio.sleep(seconds)
+    else:
+        await trio.lowlevel.checkpoint()
+
+
+class _Pipe:
+    """One direction of a stream: chunks in flight, with the time each becomes readable."""
+
+    __slots__ = ("chunks", "waiter", "eof", "writes")
+
+    def __init__(self) -> None:
+        # None marks EOF. Readers take from the head only, so order holds even when
+        # jitter makes a later chunk "arrive" before an earlier one.
+        self.chunks: deque[tuple[float, bytes | None]] = deque()
+        self.waiter: trio.Event | None = None
+        self.eof = False  # the writer closed this direction
+        self.writes = 0
+
+    def wake(self) -> None:
+        if self.waiter is not None:
+            self.waiter.set()
+            self.waiter = None
+
+
+class _Channel:
+    """Both directions of one stream; pipes[0] carries initiator -> responder bytes."""
+
+    __slots__ = ("conn", "pipes", "is_reset", "lost", "seed")
+
+    def __init__(self, conn: "_Connection", lost: bool, seed: int) -> None:
+        self.conn = conn
+        self.pipes = (_Pipe(), _Pipe())
+        self.is_reset = False
+        self.lost = lost
+        self.seed = seed  # jitter draws of this stream derive from it
+
+    def reset(self) -> None:
+        if self.is_reset:
+            return
+        self.is_reset = True
+        for pipe in self.pipes:
+            pipe.chunks.clear()
+            pipe.wake()
+        self.conn.channels.discard(self)
+
+    def finish_direction(self) -> None:
+        if self.pipes[0].eof and self.pipes[1].eof:
+            self.conn.channels.discard(self)
+
+
+class _Connection:
+    """A connection between two hosts; both hold the same object."""
+
+    __slots__ = ("hosts", "channels", "opened", "alive")
+
+    def __init__(self, a: "MemoryHost", b: "MemoryHost") -> None:
+        self.hosts = (a, b)
+        self.channels: set[_Channel] = set()  # open streams, reset if the connection drops
+        self.opened = 0  # streams opened so far: numbers each stream for the seeded draws
+        self.alive = True
+
+    def other(self, host: "MemoryHost") -> "MemoryHost":
+        a, b = self.hosts
+        return b if host is a else a
+
+
+class MemoryStream(Stream):
+    """One end of an in-memory stream."""
+
+    __slots__ = ("protocol", "remote_peer", "_channel", "_side", "_host")
+
+    def __init__(self, host: "MemoryHost", channel: _Channel, side: int, protocol: str, remote_peer: PeerID) -> None:
+        self._host = host
+        self._channel = channel
+        self._side = side  # 0: initiator end, 1: responder end
+        self.protocol = protocol
+        self.remote_peer = remote_peer
+
+    async def read(self, max_bytes: int = 65536) -> bytes:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        channel = self._channel
+        pipe = channel.pipes[1 - self._side]
+        blocked = False
+        while not channel.is_reset:
+            if pipe.chunks:
+                at, head = pipe.chunks[0]
+                now = trio.current_time()
+                if at <= now:
+                    # an EOF marker stays queued, so later reads see EOF too
+                    data = b"" if head is None else self._take(pipe, now, max_bytes)
+                    break
+                # a reset meanwhile is seen when we wake: at most one latency late
+                await trio.sleep_until(at)
+            else:
+                if pipe.waiter is None:
+                    pipe.waiter = trio.Event()
+                await pipe.waiter.wait()
+            blocked = True
+        else:
+            data = b""
+        if not blocked:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        return data
+
+    @staticmethod
+    def _take(pipe: _Pipe, now: float, max_bytes: int) -> bytes:
+        out = bytearray()
+        chunks = pipe.chunks
+        while chunks and len(out) < max_bytes:
+            at, data = chunks[0]
+            if at > now or data is None:
+                break
+            room = max_bytes - len(out)
+            if len(data) <= room:
+                out += data
+                chunks.popleft()
+            else:
+                out += data[:room]
+                chunks[0] = (at, data[room:])
+        return bytes(out)
+
+    async def write(self, data: bytes) -> None:
+        await trio.lowlevel.checkpoint()
+        channel = self._channel
+        pipe = channel.pipes[self._side]
+        if channel.is_reset or pipe.eof:
+            raise StreamClosed(f"stream {self.protocol} to {self.remote_peer} is closed")
+        if data:
+            self._send(pipe, bytes(data))
+
+    def _send(self, pipe: _Pipe, data: bytes | None) -> None:
+        channel = self._channel
+        network = self._host.network
+        size = len(data) if data is not None else 0
+        network.stats.bytes += size
+        if channel.lost or network._is_frozen(self._host.peer_id) or network._is_frozen(self.remote_peer):
+            network.stats.dropped_bytes += size
+            return
+        pipe.writes += 1
+        delay = network._one_way(self._host.peer_id, self.remote_peer)
+        if network.jitter:
+            delay += network.jitter * _draw(channel.seed, self._side, pipe.writes)
+        pipe.chunks.append((trio.current_time() + delay, data))
+        pipe.wake()
+
+    async def close(self) -> None:
+        await trio.lowlevel.checkpoint()
+        self.close_nowait()
+
+    def close_nowait(self) -> None:
+        channel = self._channel
+        pipe = channel.pipes[self._side]
+        if channel.is_reset or pipe.eof:
+            return
+        pipe.eof = True
+        self._send(pipe, None)
+        channel.finish_direction()
+
+    async def reset(self) -> None:
+        self._channel.reset()
+        await trio.lowlevel.checkpoint()
+
+    def __repr__(self) -> str:
+        return f"MemoryStream({self.protocol}, remote={self.remote_peer.short()})"
+
+
+class MemoryHost(Host):
+    """A host on a :class:`MemoryNetwork`; make one with ``network.open_host(key)``."""
+
+    def __init__(self, network: "MemoryNetwork", key: PrivateKey, address: str, nursery: trio.Nursery) -> None:
+        self.network = network
+        self.peer_id = key.peer_id
+        self.address = address
+        self._nursery = nursery
+        self._alive = True
+        self._handlers: dict[str, StreamHandler] = {}
+        self._conns: dict[PeerID, _Connection] = {}
+        self._addrbook = AddressBook(self.peer_id)
+        self._listeners = PeerListeners()
+        self._handler_scopes: set[trio.CancelScope] = set()
+
+    # -- Host interface ------------------------------------------------------------
+
+    def listen_addrs(self) -> list[str]:
+        return [self.address]
+
+    def set_stream_handler(self, protocol: str, handler: StreamHandler) -> None:
+        self._handlers[protocol] = handler
+
+    def remove_stream_handler(self, protocol: str) -> None:
+        self._handlers.pop(protocol, None)
+
+    def add_addrs(self, peer: PeerID, addrs: Sequence[str]) -> None:
+        self._addrbook.add(peer, addrs)
+
+    def peer_addrs(self, peer: PeerID) -> list[str]:
+        return self._addrbook.addrs(peer)
+
+    async def connect(self, peer: PeerID, addrs: Sequence[str] = ()) -> None:
+        self._check_alive()
+        await trio.lowlevel.checkpoint()
+        await self._connection_to(peer, addrs)
+
+    async def new_stream(self, peer: PeerID, protocols: Sequence[str]) -> Stream:
+        self._check_alive()
+        conn = await self._connection_to(peer, ())
+        remote = conn.other(self)
+        network = self.network
+        one_way = network._one_way(self.peer_id, peer)
+        if network._is_frozen(peer) or network._is_frozen(self.peer_id):
+            await trio.sleep(NEGOTIATE_TIMEOUT)
+            raise DialError(f"stream negotiation with {peer} timed out")
+        await _sleep(one_way)  # our proposal travels to the remote
+        self._check_alive()
+        if not conn.alive:
+            raise DialError(f"connection to {peer} dropped while opening a stream")
+        protocol = next((p for p in protocols if p in remote._handlers), None)
+        if protocol is None:
+            await _sleep(one_way)
+            raise ProtocolNotSupported(f"{peer} supports none of {list(protocols)}")
+        n = conn.opened
+        conn.opened += 1
+        lost = bool(network.loss) and _draw(network.seed, "loss", self.peer_id.bytes, peer.bytes, n) < network.loss
+        channel = _Channel(conn, lost, int(_draw(network.seed, "stream", self.peer_id.bytes, peer.bytes, n) * 2**62))
+        conn.channels.add(channel)
+        network.stats.streams += 1
+        local = MemoryStream(self, channel, 0, protocol, peer)
+        if lost:
+            network.stats.lost_streams += 1
+        else:
+            remote._start_handler(remote._handlers[protocol], MemoryStream(remote, channel, 1, protocol, self.peer_id))
+        try:
+            await _sleep(one_way)  # the acceptance travels back
+        except BaseException:
+            channel.reset()
+            raise
+        return local
+
+    async def disconnect(self, peer: PeerID) -> None:
+        conn = self._conns.get(peer)
+        if conn is not None:
+            self.network._drop(conn)
+        await trio.lowlevel.checkpoint()
+
+    def connected_peers(self) -> list[PeerID]:
+        return list(self._conns)
+
+    def add_peer_listener(self, on_peer: PeerListener, on_disconnect: DisconnectListener | None = None) -> None:
+        self._listeners.add(on_peer, on_disconnect)
+
+    # -- internals -------------------------------------------------------------------
+
+    def _check_alive(self) -> None:
+        if not self._alive:
+            raise HostClosed(f"host {self.peer_id} is closed")
+
+    async def _connection_to(self, peer: PeerID, addrs: Sequence[str]) -> _Connection:
+        if peer == self.peer_id:
+            raise DialError("a host cannot dial itself")
+        self.add_addrs(peer, addrs)
+        conn = self._conns.get(peer)
+        if conn is not None:
+            return conn
+        candidates = self._addrbook.dial_order(peer, addrs)
+        if not candidates:
+            raise DialError(f"no known address for {peer}")
+        network = self.network
+        failures = []
+        for addr in candidates:
+            network.stats.dials += 1
+            target = network._by_addr.get(addr)
+            if network._is_frozen(self.peer_id) or (target is not None and network._is_frozen(target.peer_id)):
+                await trio.sleep(DIAL_TIMEOUT)
+                failures.append(f"{addr}: timed out")
+                continue
+            rtt = 2 * network._one_way(self.peer_id, target.peer_id if target is not None else peer)
+            await _sleep(rtt)
+            self._check_alive()
+            conn = self._conns.get(peer)
+            if conn is not None:  # a concurrent dial (ours or theirs) won
+                return conn
+            target = network._by_addr.get(addr)  # it may have crashed meanwhile
+            if target is None:
+                failures.append(f"{addr}: connection refused")
+            elif target.peer_id != peer:
+                failures.append(f"{addr}: answered as {target.peer_id}, not {peer}")
+            elif not network._reachable(self.peer_id, peer):
+                failures.append(f"{addr}: unreachable (partitioned)")
+            else:
+                self._addrbook.worked(peer, addr)
+                return network._connect(self, target)
+        raise DialError(f"could not reach {peer}: " + "; ".join(failures))
+
+    def _start_handler(self, handler: StreamHandler, stream: MemoryStream) -> None:
+        # only called on a live connection, so this host is alive and its nursery open
+        self._nursery.start_soon(self._run_handler, handler, stream)
+
+    async def _run_handler(self, handler: StreamHandler, stream: MemoryStream) -> None:
+        with trio.CancelScope() as scope:
+            self._handler_scopes.add(scope)
+            try:
+                await handler(stream)
+            except Exception:
+                logger.exception("handler for %s from %s failed; stream reset", stream.protocol, stream.remote_peer)
+                stream._channel.reset()
+            else:
+                stream.close_nowait()  # as trio's serve_* do: the handler owned the stream
+            finally:
+                self._handler_scopes.discard(scope)
+
+    def _identified(self, info: PeerInfo) -> None:
+        self._addrbook.add(info.peer_id, info.addrs)  # as identify would: dial-back addresses
+        self._listeners.identified(info)
+
+    def _info(self) -> PeerInfo:
+        return PeerInfo(self.peer_id, (self.address,), frozenset(self._handlers))
+
+    def _shutdown(self) -> None:
+        """Stop everything at once: handlers cancelled, connections dropped, no goodbye."""
+        if not self._alive:
+            return
+        self._alive = False
+        for scope in list(self._handler_scopes):
+            scope.cancel()
+        for conn in list(self._conns.values()):
+            self.network._drop(conn, quiet=self)
+        self.network._unregister(self)
+
+    def __repr__(self) -> str:
+        return f"MemoryHost({self.peer_id.short()} at {self.address})"
+
+
+class MemoryNetwork:
+    """Hosts in one process, with latency, jitter, stream loss, partitions and crashes."""
+
+    def __init__(self, *, latency: float = 0.0, jitter: float = 0.0, loss: float = 0.0, seed: int = 0) -> None:
+        if latency < 0 or jitter < 0 or not 0 <= loss <= 1:
+            raise ValueError("latency and jitter must be >= 0 and loss within [0, 1]")
+        self.latency = latency
+        self.jitter = jitter
+        self.loss = loss
+        self.seed = seed
+        self.stats = NetworkStats()
+        self._hosts: dict[PeerID, MemoryHost] = {}
+        self._by_addr: dict[str, MemoryHost] = {}
+        self._next_addr = 0
+        self._link_latency: dict[tuple[PeerID, PeerID], float] = {}
+        self._group_of: dict[PeerID, int] = {}
+        self._frozen: set[PeerID] = set()
+
+    @property
+    def hosts(self) -> Mapping[PeerID, MemoryHost]:
+        return types.MappingProxyType(self._hosts)
+
+    @asynccontextmanager
+    async def open_host(self, key: PrivateKey) -> AsyncIterator[MemoryHost]:
+        """``async with network.open_host(key) as host``; leaving closes it abruptly."""
+        peer = key.peer_id
+        if peer in self._hosts:
+            raise P2PError(f"{peer} is already on this network")
+        address = f"{ADDRESS_PREFIX}{self._next_addr}"
+        self._next_addr += 1
+        with lone_error_unwrapped():
+            async with trio.open_nursery() as nursery:
+                host = MemoryHost(self, key, address, nursery)
+                self._hosts[peer] = host
+                self._by_addr[address] = host
+                try:
+                    yield host
+                finally:
+                    host._shutdown()
+
+    def set_link_latency(self, a: PeerID, b: PeerID, seconds: float) -> None:
+        """One-way latency between ``a`` and ``b`` (both directions), overriding the default."""
+        if seconds < 0:
+            raise ValueError("latency must be >= 0")
+        self._link_latency[(a, b) if a < b else (b, a)] = seconds
+
+    def partition(self, *groups: Iterable[PeerID]) -> None:
+        """Peers in different groups cannot reach each other; unlisted peers form one more group.
+
+        Connections across groups drop at once (their streams reset, disconnect listeners
+        fire); dials across groups fail until :meth:`heal`.
+        """
+        self._group_of = {peer: i for i, group in enumerate(groups) for peer in group}
+        for conn in self._connections():
+            a, b = conn.hosts
+            if not self._reachable(a.peer_id, b.peer_id):
+                self._drop(conn)
+
+    def heal(self) -> None:
+        """Undo :meth:`partition` (dropped connections stay dropped; peers redial)."""
+        self._group_of = {}
+
+    def crash(self, peer: PeerID) -> None:
+        """Kill the host abruptly: every stream reset, handlers stopped, unreachable.
+
+        Its context can still be left normally; its key can open a new host (a restart).
+        """
+        host = self._hosts.get(peer)
+        if host is not None:
+            host._shutdown()
+
+    def freeze(self, peer: PeerID) -> None:
+        """Make the host half-open: bytes to and from it vanish, dials to it hang."""
+        self._frozen.add(peer)
+
+    # -- internals -------------------------------------------------------------------
+
+    def _one_way(self, a: PeerID, b: PeerID) -> float:
+        if self._link_latency:
+            override = self._link_latency.get((a, b) if a < b else (b, a))
+            if override is not None:
+                return override
+        return self.latency
+
+    def _reachable(self, a: PeerID, b: PeerID) -> bool:
+        return self._group_of.get(a, -1) == self._group_of.get(b, -1)
+
+    def _is_frozen(self, peer: PeerID) -> bool:
+        return peer in self._frozen
+
+    def _connections(self) -> list[_Connection]:
+        seen: dict[int, _Connection] = {}
+        for host in self._hosts.values():
+            for conn in host._conns.values():
+                seen[id(conn)] = conn
+        return list(seen.values())
+
+    def _connect(self, dialer: MemoryHost, target: MemoryHost) -> _Connection:
+        conn = _Connection(dialer, target)
+        dialer._conns[target.peer_id] = conn
+        target._conns[dialer.peer_id] = conn
+        # identify, for free: both sides learn the other's addresses and protocols
+        target._identified(dialer._info())
+        dialer._identified(target._info())
+        return conn
+
+    def _drop(self, conn: _Connection, quiet: MemoryHost | None = None) -> None:
+        """Tear a connection down; ``quiet`` is a host going away that is not told."""
+        if not conn.alive:
+            return
+        conn.alive = False
+        for channel in list(conn.channels):
+            channel.reset()
+        a, b = conn.hosts
+        for host, other in ((a, b), (b, a)):
+            if host._conns.get(other.peer_id) is conn:
+                del host._conns[other.peer_id]
+        for host, other in ((a, b), (b, a)):
+            if host is not quiet and host._alive:
+                host._listeners.disconnected(other.peer_id)
+
+    def _unregister(self, host: MemoryHost) -> None:
+        if self._hosts.get(host.peer_id) is host:
+            del self._hosts[host.peer_id]
+            self._frozen.discard(host.peer_id)
+        self._by_addr.pop(host.address, None)

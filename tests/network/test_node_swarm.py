@@ -1,0 +1,244 @@
+"""Tier 3: whole nodes (DHT, records, sessions, routing, serving) on the memory network."""
+
+from __future__ import annotations
+
+from typing import Any, AsyncIterator, Mapping
+
+import pytest
+import trio
+
+from modelnet.identity import WrongKey
+from modelnet.identity.records import SignedRecord
+from modelnet.protocols import kad
+from modelnet.protocols.framing import encode_frame
+from modelnet.models.base import Backend, Chunk, ModelError, ModelInfo, Output
+from modelnet.models.embedded import EchoBackend, EmbeddedBackend
+from modelnet.p2p.node import Config, NoProvider, RequestFailed
+from modelnet.p2p.memory import MemoryNetwork
+from modelnet.protocols import capability as cap
+from modelnet.protocols import reason
+from modelnet.testing import open_memory_swarm, open_node, seeded_key, virtual_wall_clock
+
+EMBEDDED_SETS = [
+    ["vader-sentiment", "langid"],
+    ["yake-keywords", "textrank-summary"],
+    ["vader-sentiment", "yake-keywords"],
+    ["langid", "textrank-summary"],
+]
+
+
+class TaggedEcho(Backend):
+    """Echo that says which node answered, so routing decisions are visible."""
+
+    def __init__(self, label: str, task: str = "echo", *, fail: bool = False, delay: float = 0.0) -> None:
+        self.name = f"tagged-{label}"
+        self.label = label
+        self.task = task
+        self.fail = fail
+        self.delay = delay
+        self.started = 0
+        self.cancelled = trio.Event()
+
+    def models(self) -> list[ModelInfo]:
+        return [ModelInfo(name=self.name, task=self.task, streaming=True)]
+
+    async def run(self, model: str, text: str, params: Mapping[str, Any]) -> AsyncIterator[Chunk | Output]:
+        self.started += 1
+        if self.fail:
+            raise ModelError(f"{self.label} is broken")
+        try:
+            if self.delay:
+                await trio.sleep(self.delay)
+            yield Chunk(self.label)
+            yield Output(f"{self.label}:{text}")
+        except trio.Cancelled:
+            self.cancelled.set()
+            raise
+
+
+async def test_every_node_finds_and_asks_every_capability(autojump_clock):
+    n = 30
+    async with open_memory_swarm(
+        n, backends_for=lambda i: [EmbeddedBackend(offload=False, models=EMBEDDED_SETS[i % 4])], latency=0.005
+    ) as swarm:
+        checks = {
+            "sentiment": ("What a wonderful, happy day!", lambda out: out["label"] == "positive"),
+            "language-id": ("Ceci est une phrase écrite en français.", lambda out: out["language"] == "fr"),
+            "keywords": ("Kademlia routing tables hold peers. Kademlia lookups are iterative.", lambda out: any("kademlia" in k["keyword"].lower() for k in out["keywords"])),
+            "summarize": ("Modelnet connects models. It uses a DHT. The sky is blue today.", lambda out: isinstance(out, str) and out),
+        }
+        answered = 0
+        for node in swarm.nodes:
+            for capability, (text, ok) in checks.items():
+                answer = await node.ask(capability, text)
+                assert ok(answer.output), (capability, answer.output)
+                served = {m.name for m in answer_provider(swarm, answer).capability_record().models}
+                assert answer.model in served
+                reason.open_receipt(answer.receipt, provider=answer.provider)
+                answered += 1
+        assert answered == n * len(checks)
+
+
+def answer_provider(swarm, answer):
+    return next(node for node in swarm.nodes if node.peer_id == answer.provider)
+
+
+async def test_find_returns_only_real_providers_with_verified_records(autojump_clock):
+    async with open_memory_swarm(12, backends_for=lambda i: [TaggedEcho(str(i))] if i % 3 == 0 else []) as swarm:
+        providers = await swarm.nodes[5].find("echo")
+        assert sorted(str(p.peer_id) for p in providers) == sorted(str(swarm.nodes[i].peer_id) for i in (0, 3, 6, 9))
+        for p in providers:
+            assert p.record.peer_id == p.peer_id
+            assert [m.name for m in p.models] == [f"tagged-{[str(n.peer_id) for n in swarm.nodes].index(str(p.peer_id))}"]
+        with pytest.raises(NoProvider):
+            await swarm.nodes[5].ask("translate", "hello")
+
+
+async def test_routes_to_the_lowest_latency_provider(autojump_clock):
+    backends = {1: [TaggedEcho("slow")], 2: [TaggedEcho("fast")]}
+    async with open_memory_swarm(8, backends_for=lambda i: backends.get(i, []), latency=0.002) as swarm:
+        asker, slow, fast = swarm.nodes[5], swarm.nodes[1], swarm.nodes[2]
+        swarm.network.set_link_latency(asker.peer_id, slow.peer_id, 0.080)
+        swarm.network.set_link_latency(asker.peer_id, fast.peer_id, 0.004)
+        for _ in range(5):
+            answer = await asker.ask("echo", "hi")
+            assert answer.output == "fast:hi"
+        # Latency flips: the router follows its own measurements.
+        swarm.network.set_link_latency(asker.peer_id, slow.peer_id, 0.001)
+        swarm.network.set_link_latency(asker.peer_id, fast.peer_id, 0.200)
+        outputs = [(await asker.ask("echo", "hi")).output for _ in range(12)]
+        assert outputs[-1] == "slow:hi"
+
+
+async def test_fails_over_when_a_provider_errs_before_its_first_chunk(autojump_clock):
+    broken = TaggedEcho("broken", fail=True)
+    healthy = TaggedEcho("healthy")
+    backends = {1: [broken], 2: [healthy]}
+    async with open_memory_swarm(6, backends_for=lambda i: backends.get(i, []), latency=0.002) as swarm:
+        asker = swarm.nodes[4]
+        # Make the broken provider the preferred one.
+        swarm.network.set_link_latency(asker.peer_id, swarm.nodes[1].peer_id, 0.001)
+        swarm.network.set_link_latency(asker.peer_id, swarm.nodes[2].peer_id, 0.050)
+        answer = await asker.ask("echo", "x")
+        assert answer.output == "healthy:x"
+        assert broken.started == 1
+        assert [peer for peer, _ in answer.attempts] == [swarm.nodes[1].peer_id]
+        assert "broken" in answer.attempts[0][1]
+        # The node that failed serves other askers, unharmed.
+        assert (await swarm.nodes[3].ask("echo", "y")).output in {"healthy:y"}
+
+
+async def test_a_crashed_provider_is_replaced(autojump_clock):
+    backends = {1: [TaggedEcho("a")], 2: [TaggedEcho("b")]}
+    config = Config(network_timeout=2.0)
+    async with open_memory_swarm(8, backends_for=lambda i: backends.get(i, []), config=config, latency=0.002) as swarm:
+        asker = swarm.nodes[6]
+        first = await asker.ask("echo", "1")
+        dead = swarm.nodes[1] if first.output.startswith("a:") else swarm.nodes[2]
+        swarm.network.crash(dead.peer_id)
+        answer = await asker.ask("echo", "2")
+        assert answer.provider != dead.peer_id
+        assert answer.output.endswith(":2")
+
+
+async def test_deadline_stops_the_work_and_fails_the_request(autojump_clock):
+    slow = TaggedEcho("slow", delay=30.0)
+    async with open_memory_swarm(4, backends_for=lambda i: [slow] if i == 1 else []) as swarm:
+        with pytest.raises(RequestFailed):
+            await swarm.nodes[2].ask("echo", "hi", timeout=3.0)
+        with trio.fail_after(5):
+            await slow.cancelled.wait()  # the provider stopped working for a gone asker
+
+
+async def test_cancelling_the_asker_cancels_the_provider(autojump_clock):
+    slow = TaggedEcho("slow", delay=60.0)
+    async with open_memory_swarm(4, backends_for=lambda i: [slow] if i == 1 else []) as swarm:
+        with trio.move_on_after(5):
+            await swarm.nodes[3].ask("echo", "hi", timeout=120)
+        with trio.fail_after(5):
+            await slow.cancelled.wait()
+        assert slow.started == 1
+
+
+async def test_session_grants_are_reused(autojump_clock):
+    echo = TaggedEcho("e")
+    async with open_memory_swarm(5, backends_for=lambda i: [echo] if i == 1 else []) as swarm:
+        asker = swarm.nodes[3]
+        await asker.ask("echo", "1")
+        grant = asker._grants[(swarm.nodes[1].peer_id, "echo")]
+        await asker.ask("echo", "2")
+        assert asker._grants[(swarm.nodes[1].peer_id, "echo")] is grant
+        assert echo.started == 2
+
+
+async def test_request_with_a_grant_for_another_peer_is_refused(autojump_clock):
+    echo = TaggedEcho("e")
+    async with open_memory_swarm(5, backends_for=lambda i: [echo] if i == 1 else []) as swarm:
+        provider, alice, mallory = swarm.nodes[1], swarm.nodes[2], swarm.nodes[3]
+        await alice.ask("echo", "mine")
+        stolen = alice._grants[(provider.peer_id, "echo")]
+        # Mallory presents Alice's grant on her own stream.
+        mallory._grants[(provider.peer_id, "echo")] = stolen
+        answer = await mallory.ask("echo", "theirs")  # refused, then negotiates a grant of her own
+        assert answer.output == "e:theirs"
+        own = mallory._grants[(provider.peer_id, "echo")]
+        assert own is not stolen and own.client == mallory.peer_id
+        assert echo.started == 2  # the stolen grant served nothing
+
+
+async def test_forged_capability_record_is_rejected_by_the_dht(autojump_clock):
+    async with open_memory_swarm(6, backends_for=lambda i: [TaggedEcho(str(i))] if i == 1 else []) as swarm:
+        victim, attacker = swarm.nodes[1], swarm.nodes[4]
+        forged = cap.CapabilityRecord(peer_id=victim.peer_id, addrs=("/memory/999",), models=())
+        # CapabilityRecord.sign refuses to sign for another peer; an attacker signs by hand.
+        signed = SignedRecord.sign(
+            attacker.key,
+            domain=cap.DOMAIN,
+            type=cap.CAPABILITY_TYPE,
+            payload=forged.to_payload(),
+            seq=10**15,
+            expires=virtual_wall_clock() + 3600,
+        )
+        key = cap.node_record_key(victim.peer_id)
+        with pytest.raises(WrongKey):  # our own DHT refuses to store it...
+            await attacker.dht.put_value(key, signed.encode())
+        # ...so the attacker sends raw PUT_VALUEs to every node, bypassing its own checks.
+        put = kad.encode_message(kad.KadMessage(kad.MessageType.PUT_VALUE, key=key, record=kad.KadRecord(key, signed.encode())))
+        for node in swarm.nodes:
+            if node is attacker:
+                continue
+            stream = await attacker.host.new_stream(node.peer_id, [kad.PROTOCOL_ID])
+            await stream.write(encode_frame(put))
+            with trio.fail_after(10):
+                await stream.read()  # the node answers or resets; either way it is done
+            await stream.reset()
+            stored = node.dht.records.get(key, virtual_wall_clock())
+            assert stored is None or SignedRecord.decode(stored.value).signer == victim.peer_id
+        # Nobody stored it: every node still sees the victim's own record and can use it.
+        providers = await swarm.nodes[3].find("echo")
+        assert [p.peer_id for p in providers] == [victim.peer_id]
+        assert providers[0].record.addrs != ("/memory/999",)
+        assert (await swarm.nodes[3].ask("echo", "ok")).output == "1:ok"
+
+
+async def test_garbage_on_every_protocol_does_not_take_a_node_down(autojump_clock):
+    echo = TaggedEcho("e")
+    async with open_memory_swarm(4, backends_for=lambda i: [echo] if i == 1 else []) as swarm:
+        provider, attacker = swarm.nodes[1], swarm.nodes[2]
+        for protocol in ("/modelnet/session/1.0.0", "/modelnet/reason/1.0.0", "/modelnet/kad/1.0.0"):
+            for junk in (b"\xff" * 40, b"\x05hello", b"\x00", b"\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x01"):
+                stream = await attacker.host.new_stream(provider.peer_id, [protocol])
+                await stream.write(junk)
+                with trio.fail_after(10):
+                    await stream.read()
+                await stream.reset()
+        assert (await swarm.nodes[3].ask("echo", "still here")).output == "e:still here"
+
+
+async def test_republished_records_outlive_their_ttl(autojump_clock):
+    config = Config(record_ttl=600, republish_interval=200)
+    echo = TaggedEcho("e")
+    async with open_memory_swarm(6, backends_for=lambda i: [echo] if i == 1 else [], config=config) as swarm:
+        await trio.sleep(3 * 3600)  # virtual hours: the first record expired long ago
+        answer = await swarm.nodes[4].ask("echo", "later")
+        assert answer.output == "e:later"
