@@ -67,8 +67,11 @@ async def run_demo(n_nodes: int = 4, as_json: bool = False) -> int:
     ) as swarm:
         up = trio.current_time() - started
         if not as_json:
-            rows = [[i, str(node.peer_id), ", ".join(sorted(node.capability_record().capability_tags() - {f"model:{m}" for m in NODE_MODELS[i % len(NODE_MODELS)]})), node.addrs[0]] for i, node in enumerate(swarm.nodes)]
-            print(render.table(["node", "peer id", "capabilities", "address"], rows), file=out)
+            rows = []
+            for i, node in enumerate(swarm.nodes):
+                models = node.capability_record().models
+                rows.append([i, str(node.peer_id), ", ".join(f"{m.task} ({m.name})" for m in models), node.addrs[0]])
+            print(render.table(["node", "peer id", "serves", "address"], rows), file=out)
             print(f"network up and published in {up:.2f} s", file=out)
         entry = swarm.nodes[-1].addrs[0]
         async with open_node(

@@ -153,7 +153,8 @@ async def _run_node(key, listen, backends, bootstrap, args) -> None:
             await _start(nursery, node, bootstrap, args.timeout)
             if bootstrap:
                 progress.done(f"joined: {len(node.dht.routing_table)} peers in the routing table")
-            progress.step("publishing capabilities")
+            progress.step("loading models and publishing capabilities")
+            await node.wait_warm()
             await node.wait_published()
             tags = sorted(node.capability_record().capability_tags())
             progress.done(f"serving {len(tags)} capabilities: {', '.join(tags)}")

@@ -70,6 +70,9 @@ class Backend(abc.ABC):
         Raises :class:`UnknownModel` or :class:`InvalidInput` before the first item.
         """
 
+    async def warm(self) -> None:
+        """Load what the models need before the first request (default: nothing to load)."""
+
     def info(self, model: str) -> ModelInfo:
         for info in self.models():
             if info.name == model:

@@ -304,6 +304,15 @@ class EmbeddedBackend(Backend):
             if model.loader is not None and model.loader.seconds is not None
         }
 
+    async def warm(self) -> None:
+        """Load every served model now, so the first request does not pay for it."""
+        loaders = [model.loader for model in self._models.values() if model.loader is not None]
+        for loader in loaders:
+            if self.offload:
+                await trio.to_thread.run_sync(loader)
+            else:
+                loader()
+
     async def run(self, model: str, text: str, params: Mapping[str, Any]) -> AsyncIterator[Chunk | Output]:
         spec = self._models[self.info(model).name]  # info() raises UnknownModel
         text = check_text(spec.info, text)

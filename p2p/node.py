@@ -134,6 +134,7 @@ class Node:
         self._serving = 0
         self._seq = 0
         self._published = trio.Event()
+        self._warm = trio.Event()
 
     # -- identity and what we serve ---------------------------------------------------
 
@@ -185,6 +186,7 @@ class Node:
                     nursery.cancel_scope.cancel()
             if join_error is None:
                 task_status.started()
+                nursery.start_soon(self._warm_backends)
             if self._models and not self.config.client_mode and join_error is None:
                 nursery.start_soon(self._republish_loop)
         if join_error is not None:
@@ -222,6 +224,18 @@ class Node:
 
     async def wait_published(self) -> None:
         await self._published.wait()
+
+    async def wait_warm(self) -> None:
+        """Until every backend has loaded its models (or failed to, which is logged)."""
+        await self._warm.wait()
+
+    async def _warm_backends(self) -> None:
+        for backend in self.backends:
+            try:
+                await backend.warm()
+            except Exception:  # top of a task: a model that fails to load fails its requests, not the node
+                logger.exception("warming backend %s failed", backend.name)
+        self._warm.set()
 
     async def _republish_loop(self) -> None:
         # While the records reach fewer than k peers (a young or small network), publish

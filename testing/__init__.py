@@ -68,6 +68,7 @@ async def open_node(
             await nursery.start(node.serve, bootstrap)
             if publish and node.backends and not config.client_mode:
                 await node.wait_published()
+                await node.wait_warm()
             yield node
             nursery.cancel_scope.cancel()
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import subprocess
+import sys
 
 import msgpack
 import pytest
@@ -406,3 +408,17 @@ def test_load_backends_rejects(specs):
         load_backends(specs)
     if "embedded" not in specs:
         assert "embedded:textrank-summary" in str(raised.value)  # names the valid specs
+
+
+def test_warm_loads_every_served_model_before_the_first_request():
+    # A fresh interpreter: in this one, other tests have loaded the models already.
+    script = (
+        "import trio\n"
+        "from modelnet.models.embedded import EmbeddedBackend\n"
+        "b = EmbeddedBackend(offload=False, models=['langid', 'vader-sentiment'])\n"
+        "assert b.load_seconds == {}, b.load_seconds\n"
+        "trio.run(b.warm)\n"
+        "print(sorted(b.load_seconds))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['langid', 'vader-sentiment']"
