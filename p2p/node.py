@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import time
 from typing import Any, AsyncIterator, Callable, Mapping, Sequence
@@ -342,14 +343,19 @@ class Node:
         failures: list[tuple[PeerID, str]] = []
         tried: set[PeerID] = set()
         for fresh in (False, True):
-            providers = [p for p in await self.find(capability, fresh=fresh) if p.peer_id not in tried]
+            with trio.move_on_after(max(0.0, deadline - self.wall_clock())):
+                found = await self.find(capability, fresh=fresh)
+            if self.wall_clock() >= deadline:
+                break
+            providers = [p for p in found if p.peer_id not in tried]
             if model is not None:
                 providers = [p for p in providers if any(m.name == model for m in p.models)]
             if not providers:
                 if not tried:
                     raise NoProvider(f"no provider of {capability!r}" + (f" with model {model!r}" if model else "") + " found")
                 break
-            await self._measure_unknown(providers, capability)
+            with trio.move_on_after(max(0.0, deadline - self.wall_clock())):
+                await self._measure_unknown(providers, capability)
             for provider in rank_providers(providers, self.stats, key=lambda p: p.peer_id, now=trio.current_time()):
                 if self.wall_clock() >= deadline:
                     break
@@ -372,19 +378,27 @@ class Node:
         """Negotiate sessions with providers we have no latency for, concurrently.
 
         The session round trip is the latency sample that ranks them, so a fresh node does
-        not send its first request to an arbitrary provider.
+        not send its first request to an arbitrary provider. Once the first one answers,
+        the others get as long again and are then left for later: a dead provider must not
+        hold up the request.
         """
         unknown = [p for p in providers if p.peer_id not in self.stats][: self.config.dht.alpha + 2]
         if not unknown:
             return
-
-        async def measure(provider: Provider) -> None:
-            try:
-                await self._grant_for(provider.peer_id, capability)
-            except _ProviderFailed as exc:
-                logger.info("session with %s failed: %s", provider.peer_id.short(), exc)
+        started = trio.current_time()
 
         async with trio.open_nursery() as nursery:
+
+            async def measure(provider: Provider) -> None:
+                try:
+                    await self._grant_for(provider.peer_id, capability)
+                except _ProviderFailed as exc:
+                    logger.info("session with %s failed: %s", provider.peer_id.short(), exc)
+                    return
+                if nursery.cancel_scope.deadline == math.inf:
+                    now = trio.current_time()
+                    nursery.cancel_scope.deadline = now + (now - started)
+
             for provider in unknown:
                 nursery.start_soon(measure, provider)
 

@@ -141,6 +141,19 @@ async def test_a_crashed_provider_is_replaced(autojump_clock):
         assert answer.output.endswith(":2")
 
 
+async def test_a_frozen_provider_does_not_hold_up_a_request(autojump_clock):
+    backends = {1: [TaggedEcho("frozen")], 2: [TaggedEcho("alive")]}
+    config = Config(network_timeout=5.0)
+    async with open_memory_swarm(6, backends_for=lambda i: backends.get(i, []), config=config) as swarm:
+        asker = swarm.nodes[4]
+        await asker.find("echo")  # both providers known, neither measured yet
+        swarm.network.freeze(swarm.nodes[1].peer_id)
+        # The deadline is shorter than one session timeout: only a router that does not
+        # wait for the frozen provider can answer in time.
+        answer = await asker.ask("echo", "now", timeout=3.0)
+        assert answer.output == "alive:now"
+
+
 async def test_deadline_stops_the_work_and_fails_the_request(autojump_clock):
     slow = TaggedEcho("slow", delay=30.0)
     async with open_memory_swarm(4, backends_for=lambda i: [slow] if i == 1 else []) as swarm:
