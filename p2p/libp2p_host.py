@@ -355,6 +355,23 @@ class _PrefixedNetStream:
         return getattr(self._net_stream, name)
 
 
+def _parse_identify(peer: PeerID, payload: bytes) -> PeerInfo:
+    """An identify message (protobuf) from ``peer``; RemoteProtocolError if it does not parse.
+    Listen addresses that do not parse are skipped, one by one."""
+    message = Identify()
+    try:
+        message.ParseFromString(payload)
+    except Exception as exc:  # protobuf's DecodeError and friends: any bad bytes
+        raise RemoteProtocolError(f"malformed identify message: {exc!r}") from None
+    addrs = []
+    for raw in message.listen_addrs:
+        try:
+            addrs.append(str(multiaddr.Multiaddr(raw).decapsulate_code(P_P2P)))
+        except Exception:  # multiaddr raises a zoo of types on bad bytes
+            logger.debug("identify of %s: skipping a malformed listen address", peer)
+    return PeerInfo(peer, tuple(dict.fromkeys(addrs)), frozenset(message.protocols))
+
+
 class _ConnectionEvents(INotifee):
     """Swarm notifications, forwarded to the host without blocking the swarm."""
 
@@ -590,18 +607,7 @@ class Libp2pHost(Host):
                 payload = await framed.receive()
         if payload is None:
             raise RemoteProtocolError("empty identify answer")
-        message = Identify()
-        try:
-            message.ParseFromString(payload)
-        except Exception as exc:  # protobuf's DecodeError and friends: any bad bytes
-            raise RemoteProtocolError(f"malformed identify message: {exc!r}") from None
-        addrs = []
-        for raw in message.listen_addrs:
-            try:
-                addrs.append(str(multiaddr.Multiaddr(raw).decapsulate_code(P_P2P)))
-            except (MultiaddrError, ValueError, TypeError):
-                logger.debug("identify of %s: skipping a malformed listen address", peer)
-        return PeerInfo(peer, tuple(dict.fromkeys(addrs)), frozenset(message.protocols))
+        return _parse_identify(peer, payload)
 
 
 @asynccontextmanager
@@ -611,7 +617,8 @@ async def open_libp2p_host(key: PrivateKey, listen: Sequence[str] = DEFAULT_LIST
     Raises :class:`BadAddress` if an address does not parse or cannot be listened on.
     Leaving the block closes every connection and the listening sockets.
     """
-    take_over_libp2p_logging()
+    if _libp2p_log_handler is None:  # keep a level the application chose
+        take_over_libp2p_logging()
     listen_addrs = [_parse_addr(text) for text in listen]
     basic = _build_host(key, listen_addrs)
     missing: set[str] = set()

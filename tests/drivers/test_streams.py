@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from modelnet.errors import ModelNetError
 from modelnet.identity import PrivateKey
+from modelnet.p2p.errors import ProtocolNotSupported
 from modelnet.p2p.host import Stream
 from modelnet.p2p.memory import MemoryNetwork
 from modelnet.p2p.streams import FramedStream
@@ -159,3 +160,122 @@ async def test_over_a_memory_network():
                     assert await framed.receive() == payload[::-1]
                 await framed.stream.close()
                 assert await framed.receive() is None
+
+
+# -- the libp2p host's own decoders: multistream-select negotiation and identify ----------
+
+SUPPORTED = ("/a/1.0.0", "/b/2.0.0")
+
+
+class FakeNetStream:
+    """Enough of a libp2p NetStream for the negotiation code: scripted reads, recorded writes."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = deque(chunks)
+        self.written = bytearray()
+
+    async def read(self, n: int | None = None) -> bytes:
+        await trio.lowlevel.checkpoint()
+        return self.chunks.popleft() if self.chunks else b""
+
+    async def write(self, data: bytes) -> None:
+        await trio.lowlevel.checkpoint()
+        self.written += data
+
+
+def delimited(message: bytes) -> bytes:
+    from modelnet.protocols.framing import encode_uvarint
+
+    return encode_uvarint(len(message)) + message
+
+
+MULTISTREAM = delimited(b"/multistream/1.0.0\n")
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.binary(max_size=200), cuts=st.lists(st.integers(min_value=0), max_size=6))
+async def test_accept_any_bytes(data, cuts):
+    from modelnet.p2p.libp2p_host import _accept
+
+    try:
+        protocol, rest = await _accept(FakeNetStream(split(data, cuts)), SUPPORTED)
+    except ModelNetError as exc:
+        assert isinstance(exc, RemoteProtocolError)
+    else:
+        assert protocol in SUPPORTED and data.endswith(rest)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    refused=st.lists(st.text(min_size=1, max_size=12).map(lambda t: "/" + t.replace("\n", "")), max_size=3),
+    pick=st.sampled_from(SUPPORTED),
+    payload=st.binary(max_size=40),
+    cuts=st.lists(st.integers(min_value=0), max_size=6),
+)
+async def test_accept_round_trip(refused, pick, payload, cuts):
+    from modelnet.p2p.libp2p_host import _accept
+
+    refused = [r for r in refused if r not in SUPPORTED]
+    script = MULTISTREAM + b"".join(delimited(r.encode() + b"\n") for r in refused)
+    script += delimited(pick.encode() + b"\n") + payload
+    stream = FakeNetStream(split(script, cuts))
+    protocol, rest = await _accept(stream, SUPPORTED)
+    assert protocol == pick
+    assert rest + b"".join(stream.chunks) == payload  # nothing past the negotiation is lost
+    expected = MULTISTREAM + delimited(b"na\n") * len(refused) + delimited(pick.encode() + b"\n")
+    assert bytes(stream.written) == expected
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.binary(max_size=200), cuts=st.lists(st.integers(min_value=0), max_size=6))
+async def test_negotiate_any_answer(data, cuts):
+    from modelnet.p2p.libp2p_host import _negotiate
+
+    stream = FakeNetStream(split(data, cuts))
+    try:
+        protocol, rest = await _negotiate(stream, SUPPORTED)
+    except ModelNetError as exc:
+        assert isinstance(exc, (RemoteProtocolError, ProtocolNotSupported))
+    else:
+        assert protocol in SUPPORTED and data.endswith(rest)
+
+
+async def test_negotiate_pipelines_and_falls_back():
+    from modelnet.p2p.libp2p_host import _negotiate
+
+    answers = MULTISTREAM + delimited(b"na\n") + delimited(b"/b/2.0.0\n") + b"early"
+    stream = FakeNetStream([answers])
+    assert await _negotiate(stream, SUPPORTED) == ("/b/2.0.0", b"early")
+    # handshake and first proposal in one write, then the second proposal
+    assert bytes(stream.written) == MULTISTREAM + delimited(b"/a/1.0.0\n") + delimited(b"/b/2.0.0\n")
+    with pytest.raises(ProtocolNotSupported):
+        await _negotiate(FakeNetStream([MULTISTREAM + delimited(b"na\n") * 2]), SUPPORTED)
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.binary(max_size=300))
+def test_identify_any_bytes(data):
+    from modelnet.p2p.libp2p_host import _parse_identify
+
+    try:
+        info = _parse_identify(PEER, data)
+    except ModelNetError as exc:
+        assert isinstance(exc, RemoteProtocolError)
+    else:
+        assert info.peer_id == PEER
+        assert all(isinstance(a, str) and a.startswith("/") for a in info.addrs)
+
+
+def test_identify_round_trip():
+    from libp2p.identity.identify.pb.identify_pb2 import Identify
+    from multiaddr import Multiaddr
+
+    from modelnet.p2p.libp2p_host import _parse_identify
+
+    message = Identify(
+        listen_addrs=[Multiaddr("/ip4/10.0.0.1/tcp/4001").to_bytes(), b"\xff\xffgarbage"],
+        protocols=["/a/1.0.0", "/ipfs/id/1.0.0"],
+    )
+    info = _parse_identify(PEER, message.SerializeToString())
+    assert info.addrs == ("/ip4/10.0.0.1/tcp/4001",)  # the malformed one is skipped
+    assert info.protocols == frozenset({"/a/1.0.0", "/ipfs/id/1.0.0"})

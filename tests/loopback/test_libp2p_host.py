@@ -346,3 +346,27 @@ async def test_errors_in_the_body_come_out_unwrapped():
         with pytest.raises(KeyError):
             async with open_libp2p_host(key(0)):
                 raise KeyError("body")
+
+
+async def test_libp2p_logging_is_taken_over():
+    forwarded: list[logging.LogRecord] = []
+    collector = logging.Handler(logging.DEBUG)
+    collector.emit = forwarded.append
+    ours = logging.getLogger("modelnet.p2p.libp2p")
+    ours.addHandler(collector)
+    level = ours.level
+    ours.setLevel(logging.DEBUG)
+    try:
+        with trio.fail_after(10):
+            async with open_libp2p_host(key(0)) as a:
+                chatty = logging.getLogger("libp2p.network.auto_connector")  # sets itself to INFO
+                chatty.info("noise")
+                chatty.warning("worth seeing")
+                with pytest.raises(DialError):  # libp2p logs this at ERROR; we say it once, as DialError
+                    await a.connect(key(5).peer_id, ["/ip4/127.0.0.1/tcp/1"])
+    finally:
+        ours.removeHandler(collector)
+        ours.setLevel(level)
+    assert [r.getMessage() for r in forwarded if r.levelno >= logging.WARNING] == ["worth seeing"]
+    assert "noise" not in [r.getMessage() for r in forwarded]
+    assert any(r.name.startswith("libp2p.transport") for r in forwarded)  # the refused dial, at DEBUG
