@@ -254,9 +254,11 @@ async def _ask(node, args: argparse.Namespace, progress: render.Progress) -> int
     except NoProvider as exc:
         raise CliError(str(exc), EXIT_NO_PROVIDER) from None
     except RequestFailed as exc:
-        details = "; ".join(f"{peer.short()}: {why}" for peer, why in exc.errors)
-        code = EXIT_USAGE if any("invalid-input" in why for _, why in exc.errors) else EXIT_NETWORK
-        raise CliError(f"{exc}" + (f" ({details})" if details and details not in str(exc) else ""), code) from None
+        from modelnet.protocols.reason import INVALID_INPUT
+
+        details = "; ".join(f"{peer.short()}: {why}" for peer, why in exc.errors) if len(exc.errors) > 1 else ""
+        code = EXIT_USAGE if exc.code == INVALID_INPUT else EXIT_NETWORK
+        raise CliError(f"{exc}" + (f" ({details})" if details else ""), code) from None
     progress.done(f"answered by {answer.provider} ({answer.model}) in {answer.elapsed * 1000:.0f} ms")
     if streamed and answer.chunks:
         print()

@@ -49,11 +49,15 @@ class NoProvider(NodeError):
 
 
 class RequestFailed(NodeError):
-    """Every provider tried failed; ``errors`` says how each one failed."""
+    """Every provider tried failed; ``errors`` says how each one failed.
 
-    def __init__(self, message: str, errors: Sequence[tuple[PeerID, str]] = ()) -> None:
+    ``code`` is the provider's error code (``reason.INVALID_INPUT`` …) when one decided it.
+    """
+
+    def __init__(self, message: str, errors: Sequence[tuple[PeerID, str]] = (), code: str | None = None) -> None:
         super().__init__(message)
         self.errors = list(errors)
+        self.code = code
 
 
 @dataclasses.dataclass(frozen=True)
@@ -365,7 +369,10 @@ class Node:
                 except _ProviderFailed as exc:
                     failures.append((provider.peer_id, str(exc)))
                     if exc.after_first_chunk:
-                        raise RequestFailed(f"{provider.peer_id.short()} failed mid-answer: {exc}", failures) from None
+                        raise RequestFailed(f"{provider.peer_id.short()} failed mid-answer: {exc}", failures, exc.code) from None
+                    if exc.code == reason.INVALID_INPUT:
+                        # The input is at fault, not the provider: another would refuse it too.
+                        raise RequestFailed(f"{capability}: {exc}", failures, exc.code) from None
                     logger.info("provider %s failed before its first chunk: %s", provider.peer_id.short(), exc)
                     continue
                 return dataclasses.replace(answer, elapsed=trio.current_time() - started, attempts=tuple(failures))
@@ -504,8 +511,9 @@ class Node:
                 self._grants.pop((peer, capability), None)
                 if cached:
                     raise _GrantRejected(f"{event.code}: {event.message}")
-            stats.record_failure(trio.current_time())
-            raise _ProviderFailed(f"{event.code}: {event.message}", after_first_chunk=bool(chunks))
+            if event.code != reason.INVALID_INPUT:  # refusing bad input is the provider doing its job
+                stats.record_failure(trio.current_time())
+            raise _ProviderFailed(f"{event.code}: {event.message}", after_first_chunk=bool(chunks), code=event.code)
         try:
             reason.open_receipt(event.receipt, provider=peer)
         except (IdentityError, ProtocolError) as exc:
@@ -658,9 +666,10 @@ class Node:
 class _ProviderFailed(Exception):
     """Internal: one provider failed; the router decides whether to fail over."""
 
-    def __init__(self, message: str, *, after_first_chunk: bool = False) -> None:
+    def __init__(self, message: str, *, after_first_chunk: bool = False, code: str | None = None) -> None:
         super().__init__(message)
         self.after_first_chunk = after_first_chunk
+        self.code = code
 
 
 class _GrantRejected(_ProviderFailed):

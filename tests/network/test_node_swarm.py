@@ -255,3 +255,19 @@ async def test_republished_records_outlive_their_ttl(autojump_clock):
         await trio.sleep(3 * 3600)  # virtual hours: the first record expired long ago
         answer = await swarm.nodes[4].ask("echo", "later")
         assert answer.output == "e:later"
+
+
+async def test_invalid_input_is_reported_once_not_failed_over(autojump_clock):
+    async with open_memory_swarm(
+        5, backends_for=lambda i: [EmbeddedBackend(offload=False, models=["yake-keywords"])] if i in (1, 2) else []
+    ) as swarm:
+        with pytest.raises(RequestFailed) as failed:
+            await swarm.nodes[4].ask("keywords", "some text about peers", {"top": 500})
+        assert failed.value.code == reason.INVALID_INPUT
+        assert len(failed.value.errors) == 1  # the second provider was not bothered
+        assert "top" in str(failed.value)
+        # and the provider is not held against it: it is neither failed nor banned.
+        [(peer, _)] = failed.value.errors
+        assert swarm.nodes[4].stats[peer].failures == 0
+        answer = await swarm.nodes[4].ask("keywords", "some text about peers", {"top": 2})
+        assert len(answer.output["keywords"]) == 2
