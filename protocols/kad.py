@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import functools
 import logging
-from typing import Iterable, Iterator
+from collections import OrderedDict
+from typing import Callable, Generic, Hashable, Iterable, Iterator, TypeVar
 
 from modelnet.identity import IdentityError, PeerID
 
@@ -42,6 +42,13 @@ MAX_MESSAGE_SIZE = 1 << 20  # bytes; also the frame limit the driver should use
 MAX_PEERS = 100  # per closerPeers / providerPeers list (a FIND_NODE answer carries K = 20)
 MAX_ADDRS = 32  # per peer
 MAX_KEY_SIZE = 1024  # bytes, for Message.key and Record.key
+MAX_PEER_ID_SIZE = multiaddr.MAX_MULTIHASH_SIZE  # bytes of Peer.id, a multihash like a /p2p/ value
+MAX_ADDR_SIZE = multiaddr.MAX_ADDR_SIZE  # bytes of one of Peer.addrs
+MAX_PEER_ADDRS_SIZE = 4096  # bytes of all of one peer's addrs together
+# The largest Peer entry that holds only the fields above (tags, length varints, connection).
+# With both lists full that is 2 * MAX_PEERS * ~4.2 KiB ~ 840 KiB: any answer fits
+# MAX_MESSAGE_SIZE, with room for a key and a value record of the store's 64 KiB.
+_MAX_PEER_ENTRY = 2 + MAX_PEER_ID_SIZE + MAX_ADDRS * 3 + MAX_PEER_ADDRS_SIZE + 11
 
 _VARINT, _FIXED64, _LEN, _START_GROUP, _END_GROUP, _FIXED32 = range(6)
 _MAX_FIELD_NUMBER = (1 << 29) - 1
@@ -83,16 +90,25 @@ class KadPeer:
         addrs: Iterable[str],
         connection: ConnectionType = ConnectionType.NOT_CONNECTED,
     ) -> KadPeer:
-        """Text multiaddrs are encoded; ones that don't encode, and any past MAX_ADDRS, are left out."""
+        """Text multiaddrs are encoded; ones that don't encode, and any past MAX_ADDRS or
+        MAX_PEER_ADDRS_SIZE, are left out, so the peer always fits an answer."""
         encoded: list[bytes] = []
+        total = 0
         for addr in addrs:
+            if len(encoded) == MAX_ADDRS:
+                log.debug("leaving out addresses of %s past %d", peer, MAX_ADDRS)
+                break
             try:
-                encoded.append(multiaddr.to_bytes(addr))
+                data = multiaddr.to_bytes(addr)
             except LocalProtocolError as exc:
-                log.debug("leaving out address %r of %s: %s", addr, peer, exc)
-        if len(encoded) > MAX_ADDRS:
-            log.debug("leaving out %d addresses of %s past %d", len(encoded) - MAX_ADDRS, peer, MAX_ADDRS)
-        return cls(peer.bytes, tuple(encoded[:MAX_ADDRS]), connection)
+                log.debug("leaving out address %.80r of %s: %s", addr, peer, exc)
+                continue
+            if total + len(data) > MAX_PEER_ADDRS_SIZE:
+                log.debug("leaving out address %.80r of %s: past %d bytes", addr, peer, MAX_PEER_ADDRS_SIZE)
+                continue
+            encoded.append(data)
+            total += len(data)
+        return cls(peer.bytes, tuple(encoded), connection)
 
     def to_peer(self) -> tuple[PeerID, list[str]]:
         """The peer id and text multiaddrs; undecodable addresses are dropped, not fatal."""
@@ -157,12 +173,59 @@ def _check_size(what: str, size: int, cap: int) -> None:
         raise LocalProtocolError(f"{what}: {size} is over the limit of {cap}")
 
 
+_K = TypeVar("_K", bound=Hashable)
+_V = TypeVar("_V")
+
+
+class _Memo(Generic[_K, _V]):
+    """A least-recently-used memo of a pure function, bounded in bytes (``cost`` estimates
+    an entry's key plus value) rather than only in entries; exceptions are not memoised."""
+
+    def __init__(self, function: Callable[[_K], _V], cost: Callable[[_K, _V], int], max_bytes: int) -> None:
+        self._function, self._cost, self.max_bytes = function, cost, max_bytes
+        self._entries: OrderedDict[_K, tuple[_V, int]] = OrderedDict()
+        self.bytes = 0
+
+    def __call__(self, arg: _K) -> _V:
+        hit = self._entries.get(arg)
+        if hit is not None:
+            self._entries.move_to_end(arg)
+            return hit[0]
+        value = self._function(arg)
+        size = self._cost(arg, value)
+        self._entries[arg] = (value, size)
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, (_, dropped) = self._entries.popitem(last=False)
+            self.bytes -= dropped
+        return value
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 # Peer entries repeat across nearly every answer a node sends and receives (the same
-# contacts, the same addresses): memoising the pure per-peer codec halves lookup CPU.
-@functools.lru_cache(maxsize=16384)
-def _encode_peer(peer: KadPeer) -> bytes:
+# contacts, the same addresses): memoising the pure per-peer codec halves lookup CPU. One
+# memo per direction; the caps make an entry at most ~2 * 4.3 KiB (an honest one ~0.3 KiB),
+# and each memo holds at most _MEMO_BYTES (~16 MiB; ~50,000 honest entries).
+_MEMO_BYTES = 16 << 20
+_ENTRY_OVERHEAD = 200  # bytes of Python objects around an entry's key and value, roughly
+
+
+def _check_peer(peer: KadPeer) -> None:
+    _check_size("peer id size", len(peer.id), MAX_PEER_ID_SIZE)
     _check_size("addresses of a peer", len(peer.addrs), MAX_ADDRS)
+    for addr in peer.addrs:
+        _check_size("address size", len(addr), MAX_ADDR_SIZE)
+    _check_size("address bytes of a peer", sum(map(len, peer.addrs)), MAX_PEER_ADDRS_SIZE)
+
+
+def _serialize_peer(peer: KadPeer) -> bytes:
+    _check_peer(peer)
     return _serialize([(1, peer.id), (2, list(peer.addrs)), (3, ConnectionType(peer.connection))])
+
+
+_encode_peer = _Memo(_serialize_peer, lambda _, data: 2 * len(data) + _ENTRY_OVERHEAD, _MEMO_BYTES)
 
 
 def _encode_peers(what: str, peers: tuple[KadPeer, ...]) -> list[bytes]:
@@ -269,15 +332,18 @@ def _capped(what: str, value: bytes, cap: int) -> bytes:
     return value
 
 
-@functools.lru_cache(maxsize=16384)
-def _decode_peer(data: bytes) -> KadPeer:
+def _parse_peer(data: bytes) -> KadPeer:
     peer_id, addrs, connection = b"", [], ConnectionType.NOT_CONNECTED
+    addrs_size = 0
     for number, value in _fields(data, {1: _LEN, 2: _LEN, 3: _VARINT}):
         if number == 1:
-            peer_id = value
+            peer_id = _capped("peer id", value, MAX_PEER_ID_SIZE)
         elif number == 2:
             if len(addrs) == MAX_ADDRS:
                 raise RemoteProtocolError(f"a peer with more than {MAX_ADDRS} addresses")
+            addrs_size += len(_capped("peer address", value, MAX_ADDR_SIZE))
+            if addrs_size > MAX_PEER_ADDRS_SIZE:
+                raise RemoteProtocolError(f"a peer with more than {MAX_PEER_ADDRS_SIZE} bytes of addresses")
             addrs.append(value)
         else:
             # only a hint: a value from a newer spec is read as "don't know", not an error
@@ -285,6 +351,14 @@ def _decode_peer(data: bytes) -> KadPeer:
             known = value in _CONNECTION_VALUES
             connection = ConnectionType(value) if known else ConnectionType.NOT_CONNECTED
     return KadPeer(peer_id, tuple(addrs), connection)
+
+
+_memo_decode_peer = _Memo(_parse_peer, lambda data, _: 2 * len(data) + _ENTRY_OVERHEAD, _MEMO_BYTES)
+
+
+def _decode_peer(data: bytes) -> KadPeer:
+    # unknown fields (e.g. libp2p's signedRecord) can make an entry big: decode it, don't keep it
+    return _parse_peer(data) if len(data) > _MAX_PEER_ENTRY else _memo_decode_peer(data)
 
 
 def _decode_record(parts: list[bytes]) -> KadRecord:

@@ -9,6 +9,10 @@ byte-for-byte with go-, rust- and js-libp2p's.
 
 The protocol table is the subset of the multiformats table that libp2p peers advertise;
 an unknown code cannot be skipped (its value size is unknown), so it fails the address.
+
+Sizes are capped in both directions (MAX_* below): addresses arrive from any peer in DHT
+answers, and an uncapped ``/p2p/`` value reaches base58, whose cost grows with the square
+of its length (a 60 KB value froze the event loop for seconds).
 """
 
 from __future__ import annotations
@@ -23,6 +27,15 @@ from modelnet.identity.keys import b58decode, b58encode
 
 from .errors import LocalProtocolError, RemoteProtocolError
 from .framing import decode_uvarint, encode_uvarint
+
+MAX_ADDR_SIZE = 1024
+"""Bytes of one binary multiaddr; real ones are under 100 (a DNS name and a peer id fit)."""
+MAX_MULTIHASH_SIZE = 64
+"""Bytes of a ``/p2p/`` value: an Ed25519 identity multihash is 38, a sha2-256 one 34."""
+MAX_DOMAIN_SIZE = 255
+"""Bytes of a dns/dns4/dns6/dnsaddr/sni (and ip6zone) value: the DNS limit on a name."""
+_MAX_TEXT_SIZE = 8 * MAX_ADDR_SIZE  # text is at most 7x its binary form (2 B -> "/webrtc-direct")
+_B58_MAX_TEXT = 88  # base58 characters of MAX_MULTIHASH_SIZE bytes: ceil(64 * log(256) / log(58))
 
 _VARIABLE = -1  # value size: a varint length prefix, then the bytes
 _PORT_TEXT = re.compile(r"[0-9]{1,5}")
@@ -82,6 +95,9 @@ def _check_multihash(data: bytes) -> bytes:
 
 
 def _p2p_encode(text: str) -> bytes:
+    # checked before base58 runs: decoding is quadratic in the length of the text
+    if len(text) > _B58_MAX_TEXT:
+        raise ValueError(f"a /p2p/ value over {MAX_MULTIHASH_SIZE} bytes")
     try:
         return _check_multihash(b58decode(text))
     except IdentityError as exc:
@@ -104,6 +120,7 @@ class _Protocol:
     size: int  # value bytes: 0 (no value), fixed, or _VARIABLE
     encode: Callable[[str], bytes] | None  # text value -> bytes; raises ValueError
     decode: Callable[[bytes], str] | None  # bytes value -> text; raises ValueError
+    max_size: int = MAX_ADDR_SIZE  # for a _VARIABLE value
 
 
 _PROTOCOLS = [
@@ -111,11 +128,11 @@ _PROTOCOLS = [
     _Protocol(6, "tcp", 2, *_PORT),
     _Protocol(33, "dccp", 2, *_PORT),
     _Protocol(41, "ip6", 16, _ip6_encode, lambda data: str(ipaddress.IPv6Address(data))),
-    _Protocol(42, "ip6zone", _VARIABLE, *_DOMAIN),
-    _Protocol(53, "dns", _VARIABLE, *_DOMAIN),
-    _Protocol(54, "dns4", _VARIABLE, *_DOMAIN),
-    _Protocol(55, "dns6", _VARIABLE, *_DOMAIN),
-    _Protocol(56, "dnsaddr", _VARIABLE, *_DOMAIN),
+    _Protocol(42, "ip6zone", _VARIABLE, *_DOMAIN, MAX_DOMAIN_SIZE),
+    _Protocol(53, "dns", _VARIABLE, *_DOMAIN, MAX_DOMAIN_SIZE),
+    _Protocol(54, "dns4", _VARIABLE, *_DOMAIN, MAX_DOMAIN_SIZE),
+    _Protocol(55, "dns6", _VARIABLE, *_DOMAIN, MAX_DOMAIN_SIZE),
+    _Protocol(56, "dnsaddr", _VARIABLE, *_DOMAIN, MAX_DOMAIN_SIZE),
     _Protocol(132, "sctp", 2, *_PORT),
     _Protocol(273, "udp", 2, *_PORT),
     _Protocol(280, "webrtc-direct", 0, *_FLAG),
@@ -123,10 +140,10 @@ _PROTOCOLS = [
     _Protocol(290, "p2p-circuit", 0, *_FLAG),
     _Protocol(301, "udt", 0, *_FLAG),
     _Protocol(302, "utp", 0, *_FLAG),
-    _Protocol(421, "p2p", _VARIABLE, _p2p_encode, _p2p_decode),
+    _Protocol(421, "p2p", _VARIABLE, _p2p_encode, _p2p_decode, MAX_MULTIHASH_SIZE),
     _Protocol(443, "https", 0, *_FLAG),
     _Protocol(448, "tls", 0, *_FLAG),
-    _Protocol(449, "sni", _VARIABLE, *_DOMAIN),
+    _Protocol(449, "sni", _VARIABLE, *_DOMAIN, MAX_DOMAIN_SIZE),
     _Protocol(454, "noise", 0, *_FLAG),
     _Protocol(460, "quic", 0, *_FLAG),
     _Protocol(461, "quic-v1", 0, *_FLAG),
@@ -145,7 +162,9 @@ _Component = tuple[_Protocol, bytes]
 
 def _parse_text(text: str) -> list[_Component]:
     if not isinstance(text, str) or not text.startswith("/"):
-        raise LocalProtocolError(f"a multiaddr starts with '/': {text!r}")
+        raise LocalProtocolError(f"a multiaddr starts with '/': {text!r:.80}")
+    if len(text) > _MAX_TEXT_SIZE:
+        raise LocalProtocolError(f"a multiaddr of {len(text)} characters: {text[:64]!r}…")
     parts = text[1:].split("/")
     if parts[-1] == "":  # one trailing slash is tolerated, as go-multiaddr does
         parts.pop()
@@ -164,8 +183,10 @@ def _parse_text(text: str) -> list[_Component]:
                 raise LocalProtocolError(f"/{proto.name} needs a value in {text!r}")
             try:
                 value = proto.encode(parts[i])
+                if proto.size == _VARIABLE and len(value) > proto.max_size:
+                    raise ValueError(f"{len(value)} bytes, over the limit of {proto.max_size}")
             except ValueError as exc:
-                raise LocalProtocolError(f"bad /{proto.name} value {parts[i]!r}: {exc}") from None
+                raise LocalProtocolError(f"bad /{proto.name} value {parts[i]!r:.80}: {exc}") from None
             i += 1
         components.append((proto, value))
     return components
@@ -183,6 +204,8 @@ def to_bytes(text: str) -> bytes:
         if proto.size == _VARIABLE:
             out += encode_uvarint(len(value))
         out += value
+    if len(out) > MAX_ADDR_SIZE:
+        raise LocalProtocolError(f"a multiaddr of {len(out)} bytes, over the limit of {MAX_ADDR_SIZE}")
     return bytes(out)
 
 
@@ -191,6 +214,8 @@ def from_bytes(data: bytes) -> str:
     data = bytes(data)
     if not data:
         raise RemoteProtocolError("empty multiaddr")
+    if len(data) > MAX_ADDR_SIZE:
+        raise RemoteProtocolError(f"a multiaddr of {len(data)} bytes, over the limit of {MAX_ADDR_SIZE}")
     components = []
     pos = 0
     try:
@@ -202,6 +227,8 @@ def from_bytes(data: bytes) -> str:
             size = proto.size
             if size == _VARIABLE:
                 size, pos = _read_uvarint(data, pos)
+                if size > proto.max_size:
+                    raise ValueError(f"/{proto.name} value of {size} bytes, over the limit of {proto.max_size}")
             if len(data) - pos < size:
                 raise ValueError(f"/{proto.name} value truncated")
             components.append((proto, data[pos : pos + size]))

@@ -9,12 +9,16 @@ from hypothesis import strategies as st
 from libp2p.kad_dht.pb import kademlia_pb2 as pb
 
 from modelnet.identity import PrivateKey
-from modelnet.protocols import multiaddr
+from modelnet.protocols import kad, multiaddr
 from modelnet.protocols.errors import LocalProtocolError, RemoteProtocolError
+from modelnet.protocols.framing import encode_uvarint
 from modelnet.protocols.kad import (
+    MAX_ADDR_SIZE,
     MAX_ADDRS,
     MAX_KEY_SIZE,
     MAX_MESSAGE_SIZE,
+    MAX_PEER_ADDRS_SIZE,
+    MAX_PEER_ID_SIZE,
     MAX_PEERS,
     PROTOCOL_ID,
     ConnectionType,
@@ -330,3 +334,112 @@ def test_to_peer_drops_undecodable_addresses(caplog):
 def test_to_peer_rejects_a_bad_peer_id(peer_id):
     with pytest.raises(RemoteProtocolError):
         KadPeer(peer_id).to_peer()
+
+
+# ---- hostile sizes: caps on peer ids and addresses (review finding 1) ----------------------
+
+
+def _serialize_peer_fields(peer_id: bytes, addrs: list[bytes]) -> bytes:
+    m = pb.Message.Peer(id=peer_id, addrs=addrs)
+    return m.SerializeToString()
+
+
+def _find_node_answer(entry: bytes) -> bytes:
+    return pb.Message(type=pb.Message.FIND_NODE).SerializeToString() + _length_field(8, entry)
+
+
+def _length_field(number: int, value: bytes) -> bytes:
+    return encode_uvarint(number << 3 | 2) + encode_uvarint(len(value)) + value
+
+
+_ADDR_1K = b"\x89\x06" + bytes(8)  # /memory/0: 10 bytes; padded below with /p2p-circuit flags
+_FLAG = b"\xa2\x02"  # /p2p-circuit
+
+
+def _addr_of(size: int) -> bytes:
+    assert (size - len(_ADDR_1K)) % 2 == 0
+    return _ADDR_1K + _FLAG * ((size - len(_ADDR_1K)) // 2)
+
+
+@pytest.mark.parametrize(
+    "peer_id, addrs, ok",
+    [
+        (bytes(MAX_PEER_ID_SIZE), [], True),
+        (bytes(MAX_PEER_ID_SIZE + 1), [], False),
+        (b"x", [_addr_of(MAX_ADDR_SIZE)], True),
+        (b"x", [_addr_of(MAX_ADDR_SIZE + 2)], False),
+        (b"x", [_addr_of(MAX_ADDR_SIZE)] * (MAX_PEER_ADDRS_SIZE // MAX_ADDR_SIZE), True),
+        (b"x", [_addr_of(MAX_ADDR_SIZE)] * (MAX_PEER_ADDRS_SIZE // MAX_ADDR_SIZE) + [b"\x06\x00\x01"], False),
+    ],
+)
+def test_peer_size_caps_both_ways(peer_id, addrs, ok):
+    data = _find_node_answer(_serialize_peer_fields(peer_id, addrs))
+    peer = KadPeer(peer_id, tuple(addrs))
+    msg = KadMessage(MessageType.FIND_NODE, closer_peers=(peer,))
+    if ok:
+        assert decode_message(data) == msg
+        assert encode_message(msg) == data
+        for addr in addrs:
+            multiaddr.from_bytes(addr)  # the test addresses are valid ones
+    else:
+        with pytest.raises(RemoteProtocolError):
+            decode_message(data)
+        with pytest.raises(LocalProtocolError):
+            encode_message(msg)
+
+
+def test_a_huge_p2p_value_is_refused_before_base58():
+    # review finding 1: a 60 KB /p2p/ multihash in one ADD_PROVIDER froze the event loop
+    size = 60_000
+    multihash = encode_uvarint(0x12) + encode_uvarint(size) + b"\x07" * size
+    addr = encode_uvarint(421) + encode_uvarint(len(multihash)) + multihash
+    data = pb.Message(type=pb.Message.ADD_PROVIDER, key=b"k").SerializeToString()
+    data += _length_field(9, _serialize_peer_fields(PEER_ID.bytes, [addr]))
+    with pytest.raises(RemoteProtocolError):
+        decode_message(data)
+    with pytest.raises(RemoteProtocolError):
+        multiaddr.from_bytes(addr)
+    assert KadPeer(PEER_ID.bytes, (addr[:40],)).to_peer() == (PEER_ID, [])  # a bad address alone is dropped
+
+
+def test_from_peer_keeps_addresses_within_the_byte_cap():
+    big = "/dns4/" + "a" * 249 + "/tcp/1"  # 255 bytes: 16 fit, then room for the small one only
+    small = "/ip4/1.2.3.4/tcp/1"
+    over = "/dns4/" + "a" * 256 + "/tcp/1"  # a name past 255 bytes does not encode
+    peer = KadPeer.from_peer(PEER_ID, [over] + [big] * 20 + [small])
+    assert sum(map(len, peer.addrs)) <= MAX_PEER_ADDRS_SIZE
+    fit = MAX_PEER_ADDRS_SIZE // len(multiaddr.to_bytes(big))
+    assert peer.addrs == (multiaddr.to_bytes(big),) * fit + (multiaddr.to_bytes(small),)
+    # so any two full lists of such peers still make a message under the limit
+    full = KadMessage(MessageType.GET_PROVIDERS, key=bytes(MAX_KEY_SIZE), closer_peers=(peer,) * MAX_PEERS,
+                      provider_peers=(peer,) * MAX_PEERS, record=KadRecord(b"k", bytes(64 * 1024)))
+    assert len(encode_message(full)) <= MAX_MESSAGE_SIZE
+
+
+def test_peer_entries_with_big_unknown_fields_decode_but_are_not_memoised():
+    entry = _serialize_peer_fields(PEER_ID.bytes, [b"\x06\x00\x01"]) + _length_field(4, bytes(100_000))
+    held = len(kad._memo_decode_peer)
+    assert decode_message(_find_node_answer(entry)).closer_peers == (KadPeer(PEER_ID.bytes, (b"\x06\x00\x01",)),)
+    assert len(kad._memo_decode_peer) == held
+
+
+def test_memo_is_bounded_in_bytes_and_keeps_no_errors():
+    calls = []
+
+    def parse(data: bytes) -> bytes:
+        calls.append(data)
+        if not data:
+            raise RemoteProtocolError("empty")
+        return data
+
+    memo = kad._Memo(parse, lambda key, _: len(key), max_bytes=10)
+    assert memo(b"aaaa") == b"aaaa" and memo(b"bbbb") == b"bbbb" and memo(b"aaaa") == b"aaaa"
+    assert len(calls) == 2  # the third call was a hit
+    memo(b"cccc")  # 12 bytes: the least recently used (b"bbbb") goes
+    assert memo.bytes == 8 and len(memo) == 2
+    memo(b"bbbb")
+    assert len(calls) == 4
+    for _ in range(2):
+        with pytest.raises(RemoteProtocolError):
+            memo(b"")
+    assert len(calls) == 6 and len(memo) == 2

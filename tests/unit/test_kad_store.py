@@ -5,7 +5,16 @@ import pytest
 from modelnet.errors import ModelNetError
 from modelnet.identity import PrivateKey
 from modelnet.p2p.kad import RecordRejected
-from modelnet.p2p.kad.store import ProviderStore, RecordStore, StoredRecord, find_validator
+from modelnet.p2p.kad.store import (
+    MAX_KEY_SIZE,
+    MAX_PROVIDER_ADDR_BYTES,
+    MAX_PROVIDER_ADDRS,
+    _PROVIDER_OVERHEAD,
+    ProviderStore,
+    RecordStore,
+    StoredRecord,
+    find_validator,
+)
 
 PEERS = [PrivateKey.from_seed(bytes([i]) * 32).peer_id for i in range(1, 8)]
 
@@ -105,12 +114,24 @@ def test_count_cap_drops_the_record_that_expires_first():
     assert b"/v/b" not in records and b"/v/a" in records and b"/v/c" in records
 
 
-def test_byte_cap_bounds_the_total_size():
-    records = store(max_bytes=10)
+def test_byte_cap_bounds_the_total_size_keys_included():
+    records = store(max_bytes=18)  # two records of 4 key + 5 value bytes
     records.put(b"/v/a", b"v1234", 0.0)
     records.put(b"/v/b", b"v1234", 1.0)
     records.put(b"/v/c", b"v1234", 2.0)
     assert len(records) == 2 and b"/v/a" not in records
+    records.put(b"/v/dd", b"v1234", 3.0)  # one key byte more: b goes as well
+    assert len(records) == 1 and b"/v/dd" in records
+
+
+def test_oversized_keys_are_refused():
+    records = RecordStore({b"/v/": Anything()}, ttl=10.0)
+    assert records.put(b"/v/" + bytes(MAX_KEY_SIZE - 3), b"x", 0.0)
+    with pytest.raises(RecordRejected):
+        records.put(b"/v/" + bytes(MAX_KEY_SIZE - 2), b"x", 0.0)
+    providers = ProviderStore(ttl=10.0)
+    assert not providers.add(bytes(MAX_KEY_SIZE + 1), PEERS[0], [], 0.0)
+    assert len(providers) == 0
 
 
 @hypothesis.settings(max_examples=50, deadline=None)
@@ -167,3 +188,79 @@ def test_provider_caps_drop_the_oldest():
     providers.add(b"i", PEERS[0], [], 7.0)
     assert providers.providers(b"j", 8.0) == []
     assert len(providers) == 2 and providers.providers(b"i", 8.0) == [(PEERS[0], ())]
+
+
+def test_a_provider_past_its_quota_is_refused_and_evicts_no_one():
+    providers = ProviderStore(ttl=100.0, max_keys=10, max_keys_per_provider=3)
+    assert providers.add(b"honest", PEERS[1], ["/memory/1"], 0.0)
+    for i in range(3):
+        assert providers.add(b"k%d" % i, PEERS[0], [], 1.0)
+    assert not providers.add(b"k3", PEERS[0], [], 2.0)  # a fourth key: refused
+    assert not providers.add(b"honest", PEERS[0], [], 2.0)  # also beside someone else
+    assert providers.add(b"k1", PEERS[0], ["/memory/9"], 3.0)  # renewing a held key is fine
+    assert providers.keys_of(PEERS[0]) == 3 and len(providers) == 4
+    assert providers.providers(b"honest", 3.0) == [(PEERS[1], ("/memory/1",))]
+    assert providers.providers(b"k1", 3.0) == [(PEERS[0], ("/memory/9",))]
+    providers.remove(b"k0", PEERS[0])  # quota freed by remove ...
+    assert providers.add(b"k3", PEERS[0], [], 4.0)
+    assert providers.expire(101.5) == 2  # ... and by expiry (honest at 0, k2 at 1)
+    assert providers.keys_of(PEERS[0]) == 2 and providers.keys_of(PEERS[1]) == 0
+    assert providers.add(b"k4", PEERS[0], [], 102.0)
+
+
+def test_quota_counts_keys_lost_to_the_per_key_cap():
+    providers = ProviderStore(ttl=100.0, max_per_key=1, max_keys_per_provider=1)
+    providers.add(b"k", PEERS[0], [], 0.0)
+    providers.add(b"k", PEERS[1], [], 1.0)  # pushes PEERS[0] out of k
+    assert providers.keys_of(PEERS[0]) == 0
+    assert providers.add(b"j", PEERS[0], [], 2.0)
+
+
+def test_provider_addresses_are_capped_per_record():
+    providers = ProviderStore(ttl=100.0)
+    many = [f"/memory/{i}" for i in range(MAX_PROVIDER_ADDRS + 10)]
+    providers.add(b"k", PEERS[0], many, 0.0)
+    assert providers.providers(b"k", 1.0) == [(PEERS[0], tuple(many[:MAX_PROVIDER_ADDRS]))]
+    long = "/dns4/" + "a" * (MAX_PROVIDER_ADDR_BYTES // 2) + "/tcp/1"
+    providers.add(b"k", PEERS[1], [long, long, "/memory/1"], 0.0)  # the second one would pass the cap
+    assert providers.providers(b"k", 1.0, count=1) == [(PEERS[1], (long, "/memory/1"))]
+
+
+def test_provider_byte_budget_drops_the_oldest_keys():
+    addrs = ["/dns4/" + "a" * 250 + "/tcp/1"] * 8  # ~2 KiB a record
+    providers = ProviderStore(ttl=100.0, max_bytes=20_000)
+    for i in range(30):
+        providers.add(b"k%d" % i, PEERS[i % len(PEERS)], addrs, float(i))
+    assert providers.bytes <= 20_000
+    assert 5 <= len(providers) < 10
+    assert providers.providers(b"k29", 30.0) and not providers.providers(b"k0", 30.0)
+
+
+_op = st.tuples(
+    st.sampled_from(["add", "add", "add", "remove", "expire"]),
+    st.sampled_from([b"a", b"b", b"c", b"d", b"e"]),
+    st.integers(0, 4),
+    st.lists(st.sampled_from(["/memory/1", "/dns4/" + "x" * 40 + "/tcp/1"]), max_size=4),
+    st.integers(0, 300),
+)
+
+
+@hypothesis.settings(max_examples=60, deadline=None)
+@hypothesis.given(st.lists(_op, max_size=50))
+def test_any_provider_ops_keep_every_cap_and_count(ops):
+    providers = ProviderStore(ttl=100.0, max_keys=3, max_per_key=2, max_keys_per_provider=2, max_bytes=700)
+    for kind, key, peer, addrs, now in sorted(ops, key=lambda op: op[4]):
+        if kind == "add":
+            providers.add(key, PEERS[peer], addrs, float(now))
+        elif kind == "remove":
+            providers.remove(key, PEERS[peer])
+        else:
+            providers.expire(float(now))
+    held = {key: providers.providers(key, -1.0) for key in (b"a", b"b", b"c", b"d", b"e")}
+    assert len(providers) == sum(1 for records in held.values() if records) <= 3
+    assert all(len(records) <= 2 for records in held.values())
+    for peer in PEERS[:5]:
+        keys = sum(1 for records in held.values() if peer in dict(records))
+        assert providers.keys_of(peer) == keys <= 2
+    expected = sum(len(key) + sum(_PROVIDER_OVERHEAD + len("".join(a)) for _, a in records) for key, records in held.items() if records)
+    assert providers.bytes == expected <= 700
