@@ -6,7 +6,7 @@ loaded from :mod:`modelnet.p2p.libp2p_host` on first use.
 
 from typing import Any
 
-from .errors import BadAddress, DialError, HostClosed, P2PError, ProtocolNotSupported, StreamClosed
+from .errors import BadAddress, DialError, HostClosed, P2PError, ProtocolNotSupported, StreamClosed, StreamReset
 from .host import Host, PeerInfo, Stream, full_address, split_full_address
 from .memory import MemoryHost, MemoryNetwork, NetworkStats
 from .streams import FramedStream
@@ -25,6 +25,7 @@ __all__ = [
     "ProtocolNotSupported",
     "Stream",
     "StreamClosed",
+    "StreamReset",
     "full_address",
     "open_libp2p_host",
     "split_full_address",

@@ -19,6 +19,11 @@ class StreamClosed(P2PError):
     """The stream was closed or reset while we used it."""
 
 
+class StreamReset(StreamClosed):
+    """The stream was aborted, not ended: the remote reset it, the connection was lost or
+    a host closed. Bytes in flight may be lost; a clean end of stream reads ``b""`` instead."""
+
+
 class HostClosed(P2PError):
     """The host is shut down."""
 

@@ -11,6 +11,11 @@ Rules every implementation keeps:
 - ``new_stream`` and ``connect`` raise :class:`~modelnet.p2p.errors.DialError` or
   :class:`~modelnet.p2p.errors.ProtocolNotSupported`; they never hang forever on a dead
   peer by themselves, but callers still bound them with ``trio.fail_after``.
+- ``Stream.read`` returns ``b""`` only at a clean end of stream; a reset, a lost
+  connection or a closed host raise :class:`~modelnet.p2p.errors.StreamReset`.
+- Known addresses are bounded (:class:`~modelnet.p2p.streams.AddressBook`): a few short
+  ones per peer, a bounded number of peers; what a peer says about itself (identify)
+  outranks what third parties say about it (``add_addrs``).
 - Peer listeners fire once a connection is up *and* the remote's listen addresses and
   protocols are known (libp2p identify, or the memory network's own knowledge), so the DHT
   can add a peer it can dial back.
@@ -44,11 +49,17 @@ class Stream(abc.ABC):
 
     @abc.abstractmethod
     async def read(self, max_bytes: int = 65536) -> bytes:
-        """Up to ``max_bytes``; ``b""`` once the remote has closed its side (or reset)."""
+        """Up to ``max_bytes``; ``b""`` only at a clean end: the remote closed its side.
+
+        Raises :class:`~modelnet.p2p.errors.StreamReset` if the stream was aborted instead
+        (reset by either side, the connection lost, a host closed), so a half-closing
+        client is told apart from one that went away.
+        """
 
     @abc.abstractmethod
     async def write(self, data: bytes) -> None:
-        """Raise :class:`StreamClosed` if the stream is closed or reset."""
+        """Raise :class:`StreamClosed` if the stream is closed (:class:`StreamReset`, a
+        subclass, if it was reset)."""
 
     @abc.abstractmethod
     async def close(self) -> None:
@@ -79,7 +90,8 @@ class Host(abc.ABC):
 
     @abc.abstractmethod
     def add_addrs(self, peer: PeerID, addrs: Sequence[str]) -> None:
-        """Remember addresses for ``peer`` (used by ``connect``/``new_stream``)."""
+        """Remember addresses for ``peer`` heard from a third party (used by
+        ``connect``/``new_stream``); they never displace the peer's own addresses."""
 
     @abc.abstractmethod
     def peer_addrs(self, peer: PeerID) -> list[str]: ...

@@ -5,21 +5,24 @@ py-libp2p does not (see /work/shared/notes/py-libp2p-0.8.1.md):
 - never offers the default security list (it would accept plaintext peers);
 - ``max_connections_per_peer=1`` and no dial retries: a dial costs ~7 ms, and a closed
   port fails in ~2 ms instead of after 0.7 s of backoff;
-- dials one address at a time in our order, unblocking the peer and replacing libp2p's
+- dials one address at a time in our order (the loop in streams.py both hosts share),
+  unblocking the peer and replacing libp2p's
   stale addresses first (libp2p dials only the first TCP address and blacklists a peer
   for 60 s after a failure), and keeps libp2p's auto-connector from dialling anyone;
 - negotiates protocols itself with multistream-select, both ways: pipelined as the
   initiator (the handshake and the first proposal in one write: one round trip instead
   of two), with buffered reads as the responder (libp2p reads byte by byte, sending a
   Yamux window update each time); "not supported" is told apart from a broken stream,
-  and libp2p does not log an error for it. A new stream costs ~1.2 ms (p50, loopback,
-  both hosts in one process) instead of ~2.3;
+  and libp2p does not log an error for it; a malformed message resets the stream. A
+  new stream costs ~1.2 ms (p50, loopback, both hosts in one process) instead of ~2.3;
 - advertises a wildcard listen address (0.0.0.0) as the machine's interface addresses;
 - runs identify itself, in the host's nursery, once per connection, so it knows when a
   peer's addresses and protocols are known (libp2p's own automatic identify runs in
   detached system tasks and would just duplicate the exchange);
 - wraps every handler (an exception is logged and resets the stream; the host lives on)
-  and translates every libp2p error into :mod:`modelnet.p2p.errors`;
+  and translates every libp2p error into :mod:`modelnet.p2p.errors`; a stream read
+  returns ``b""`` only at a clean EOF (libp2p reports a lost connection as EOF too) and
+  raises StreamReset otherwise;
 - closes the host inside ``run()`` (the only path that closes sockets) and takes over the
   ``libp2p`` logger (records at WARNING and above go to ``modelnet.p2p.libp2p``; those
   about a dial that fails are demoted to DEBUG, since the caller gets a DialError).
@@ -45,6 +48,8 @@ from libp2p.host.basic_host import BasicHost
 from libp2p.identity.identify.identify import ID as IDENTIFY_PROTOCOL
 from libp2p.identity.identify.pb.identify_pb2 import Identify
 from libp2p.network.config import ConnectionConfig, RetryConfig
+from libp2p.network.stream.exceptions import StreamEOF
+from libp2p.network.stream.exceptions import StreamReset as Libp2pStreamReset
 from libp2p.peer.id import ID as Libp2pID
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
@@ -58,17 +63,23 @@ from modelnet.identity import IdentityError, PeerID, PrivateKey
 from modelnet.protocols.errors import ProtocolError, RemoteProtocolError
 from modelnet.protocols.framing import decode_uvarint, encode_uvarint
 
-from .errors import BadAddress, DialError, HostClosed, P2PError, ProtocolNotSupported, StreamClosed
+from .errors import BadAddress, DialError, HostClosed, P2PError, ProtocolNotSupported, StreamClosed, StreamReset
 from .host import DisconnectListener, Host, PeerInfo, PeerListener, Stream, StreamHandler
-from .streams import AddressBook, FramedStream, PeerListeners, lone_error_unwrapped
+from .streams import (
+    DIAL_TIMEOUT,
+    NEGOTIATE_TIMEOUT,
+    AddressBook,
+    FramedStream,
+    PeerListeners,
+    dial_in_order,
+    lone_error_unwrapped,
+)
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_LISTEN = ("/ip4/127.0.0.1/tcp/0",)
-# Internal bounds, so nothing hangs forever on a half-open peer (py-libp2p has no
-# keepalive); callers normally give up sooner with their own fail_after.
-DIAL_TIMEOUT = 10.0
-NEGOTIATE_TIMEOUT = 10.0
+# Like DIAL_TIMEOUT and NEGOTIATE_TIMEOUT (streams.py): an internal bound, so nothing
+# hangs forever on a half-open peer; callers normally give up sooner with fail_after.
 IDENTIFY_TIMEOUT = 10.0
 _CLOSE_TIMEOUT = 5.0
 _RESET_TIMEOUT = 1.0
@@ -200,8 +211,32 @@ async def _reset(net_stream: INetStream) -> None:
             pass
 
 
+def _connection_down(net_stream: INetStream) -> bool:
+    conn = net_stream.muxed_conn
+    shutting_down = getattr(conn, "event_shutting_down", None)  # Yamux's
+    return bool(conn.is_closed or (shutting_down is not None and shutting_down.is_set()))
+
+
+def _fin_received(net_stream: INetStream) -> bool:
+    """The remote half-closed the stream, and the connection is still up to say so."""
+    muxed = net_stream.muxed_stream
+    return (
+        bool(getattr(muxed, "recv_closed", False))
+        and not getattr(muxed, "reset_received", False)
+        and not _connection_down(net_stream)
+    )
+
+
 class _Libp2pStream(Stream):
-    """Our Stream over a libp2p NetStream: EOF and resets read as b"", write errors are StreamClosed."""
+    """Our Stream over a libp2p NetStream: a clean EOF reads b"", a reset or a lost
+    connection raises StreamReset, write errors are StreamClosed.
+
+    libp2p reports a received RST and a lost connection as EOF too, and a connection
+    that goes down marks its Yamux streams closed as if by FIN; so an EOF counts as clean
+    only if the remote's FIN is seen, without a RST, while the connection is up (or was
+    seen with the last bytes read). A FIN and a connection close arriving together may
+    still read as a reset.
+    """
 
     def __init__(self, net_stream: INetStream, protocol: str, remote_peer: PeerID, pending: bytes = b"") -> None:
         self._net_stream = net_stream
@@ -209,26 +244,47 @@ class _Libp2pStream(Stream):
         self.remote_peer = remote_peer
         self._pending = pending  # bytes read past the negotiation
         self._closed = False
-        self._reset = False
+        self._reset = False  # by us
+        self._aborted = False  # by us, the remote or a lost connection
+        self._fin = False  # the remote's FIN seen while the connection was up
+        self._eof = False  # a clean end, once read, stays one
 
     async def read(self, max_bytes: int = 65536) -> bytes:
         if self._pending:
             await trio.lowlevel.checkpoint()
             data, self._pending = self._pending[:max_bytes], self._pending[max_bytes:]
             return data
-        if self._reset:
+        if self._aborted or self._eof:
             await trio.lowlevel.checkpoint()
+            if self._aborted:
+                raise StreamReset(f"stream {self.protocol} with {self.remote_peer} was reset")
             return b""
         try:
-            return await self._net_stream.read(max_bytes)
-        except BaseLibp2pError:  # StreamEOF, StreamReset, a dead connection
-            return b""
+            data = await self._net_stream.read(max_bytes)
+        except StreamEOF:
+            data = b""
+        except BaseLibp2pError as exc:  # StreamReset, a stream in libp2p's error state
+            self._aborted = True
+            raise StreamReset(f"stream {self.protocol} with {self.remote_peer}: {exc!r}") from None
+        self._fin = self._fin or _fin_received(self._net_stream)
+        if data:
+            return data
+        if not self._fin:  # libp2p says EOF after a RST or a lost connection too
+            self._aborted = True
+            raise StreamReset(f"stream {self.protocol} with {self.remote_peer} was reset or its connection lost")
+        self._eof = True
+        return b""
 
     async def write(self, data: bytes) -> None:
-        if self._closed or self._reset:
+        if self._aborted:
+            raise StreamReset(f"stream {self.protocol} to {self.remote_peer} was reset")
+        if self._closed:
             raise StreamClosed(f"stream {self.protocol} to {self.remote_peer} is closed")
         try:
             await self._net_stream.write(bytes(data))
+        except Libp2pStreamReset as exc:
+            self._aborted = True
+            raise StreamReset(f"stream {self.protocol} to {self.remote_peer}: {exc!r}") from None
         except BaseLibp2pError as exc:
             raise StreamClosed(f"stream {self.protocol} to {self.remote_peer}: {exc!r}") from None
 
@@ -248,7 +304,7 @@ class _Libp2pStream(Stream):
         if self._reset:
             await trio.lowlevel.checkpoint()
             return
-        self._reset = True
+        self._reset = self._aborted = True
         self._pending = b""
         await _reset(self._net_stream)
 
@@ -312,7 +368,10 @@ async def _negotiate(net_stream: INetStream, protocols: Sequence[str]) -> tuple[
 async def _accept(net_stream: INetStream, supported: Container[str]) -> tuple[str, bytes]:
     """multistream-select as the responder; return the protocol and any bytes read past it.
 
-    Answers ``na`` to anything it does not serve, ``ls`` included (optional in the spec).
+    Answers ``na`` to a protocol it does not serve, and to ``ls`` (listing is optional in
+    the spec; we do not tell strangers what we serve before they ask for it). A message
+    without its trailing newline is malformed: RemoteProtocolError, and the caller resets
+    the stream, as the spec asks.
     """
     reader = _MessageReader(net_stream)
     if await reader.next_message() != _MULTISTREAM:
@@ -327,7 +386,9 @@ async def _accept(net_stream: INetStream, supported: Container[str]) -> tuple[st
         if message == _MULTISTREAM:  # some peers restart the handshake; acknowledge again
             reply += _delimited(_MULTISTREAM)
             continue
-        protocol = message[:-1].decode("utf-8", "replace") if message.endswith(b"\n") else ""
+        if not message.endswith(b"\n"):
+            raise RemoteProtocolError(f"negotiation message without a newline: {message[:64]!r}")
+        protocol = message[:-1].decode("utf-8", "replace")
         if protocol and protocol in supported:
             await net_stream.write(reply + _delimited(message))
             return protocol, reader.rest()
@@ -454,20 +515,7 @@ class Libp2pHost(Host):
         if self._connected(libp2p_peer):
             await trio.lowlevel.checkpoint()
             return
-        candidates = self._addrbook.dial_order(peer, addrs)
-        if not candidates:
-            raise DialError(f"no known address for {peer}")
-        failures = []
-        for addr in candidates:
-            try:
-                await self._dial(libp2p_peer, addr)
-            except (P2PError, BaseLibp2pError, OSError, trio.TooSlowError) as exc:
-                failures.append(f"{addr}: {_dial_failure(exc)}")
-                self._addrbook.failed(peer, addr)
-                continue
-            self._addrbook.worked(peer, addr)
-            return
-        raise DialError(f"could not reach {peer}: " + "; ".join(failures))
+        await dial_in_order(self._addrbook, peer, addrs, functools.partial(self._dial, libp2p_peer))
 
     async def new_stream(self, peer: PeerID, protocols: Sequence[str]) -> Stream:
         if not protocols:
@@ -512,6 +560,13 @@ class Libp2pHost(Host):
         return any(not conn.is_closed for conn in self._network.get_connections(libp2p_peer))
 
     async def _dial(self, libp2p_peer: Libp2pID, addr: str) -> None:
+        """One address: DialError for a failure there, as :func:`dial_in_order` expects."""
+        try:
+            await self._dial_libp2p(libp2p_peer, addr)
+        except (P2PError, BaseLibp2pError, OSError, trio.TooSlowError) as exc:
+            raise DialError(_dial_failure(exc)) from None
+
+    async def _dial_libp2p(self, libp2p_peer: Libp2pID, addr: str) -> None:
         maddr = _parse_addr(addr).decapsulate_code(P_P2P)  # the peer id is the one we expect
         peerstore = self._network.peerstore
         # exactly this address, and no blacklist left by an earlier failure
@@ -597,7 +652,7 @@ class Libp2pHost(Host):
             self._identifying.discard(peer)
         if self._closing or not self._connected(_to_libp2p(peer)):
             return
-        self._addrbook.add(peer, info.addrs)
+        self._addrbook.add(peer, info.addrs, own=True)
         self._identified[peer] = info
         self._listeners.identified(info)
 

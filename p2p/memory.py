@@ -12,6 +12,8 @@ Model (what a test can rely on):
   tasks are the stream handlers, started in the remote host's nursery.
 - Every random choice (stream loss, jitter) is a hash of the seed and of what it
   decides about, never of scheduling order, so a run repeats exactly.
+- A clean close reads as ``b""`` on the other side; a reset, a dropped connection, a
+  crash or a closed host raise :class:`StreamReset` from ``read`` (as the libp2p host).
 - Failure injection: :meth:`MemoryNetwork.partition` (cross-group connections are
   dropped, their streams reset, dials fail), :meth:`MemoryNetwork.crash` (all streams
   of the host reset, it becomes unreachable, its handlers stop),
@@ -27,6 +29,7 @@ Model (what a test can rely on):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import types
@@ -38,17 +41,20 @@ import trio
 
 from modelnet.identity import PeerID, PrivateKey
 
-from .errors import DialError, HostClosed, P2PError, ProtocolNotSupported, StreamClosed
+from .errors import DialError, HostClosed, P2PError, ProtocolNotSupported, StreamClosed, StreamReset
 from .host import DisconnectListener, Host, PeerInfo, PeerListener, Stream, StreamHandler
-from .streams import AddressBook, PeerListeners, lone_error_unwrapped
+from .streams import (
+    DIAL_TIMEOUT,
+    NEGOTIATE_TIMEOUT,
+    AddressBook,
+    PeerListeners,
+    dial_in_order,
+    lone_error_unwrapped,
+)
 
 logger = logging.getLogger(__name__)
 
 ADDRESS_PREFIX = "/memory/"
-# Bounds on a dial and on a stream negotiation to a peer that never answers (a frozen
-# one), the same as the libp2p host's; callers normally give up sooner with fail_after.
-DIAL_TIMEOUT = 10.0
-NEGOTIATE_TIMEOUT = 10.0
 
 
 @dataclasses.dataclass(slots=True)
@@ -146,7 +152,7 @@ class _Connection:
 class MemoryStream(Stream):
     """One end of an in-memory stream."""
 
-    __slots__ = ("protocol", "remote_peer", "_channel", "_side", "_host")
+    __slots__ = ("protocol", "remote_peer", "_channel", "_side", "_host", "_eof")
 
     def __init__(self, host: "MemoryHost", channel: _Channel, side: int, protocol: str, remote_peer: PeerID) -> None:
         self._host = host
@@ -154,19 +160,27 @@ class MemoryStream(Stream):
         self._side = side  # 0: initiator end, 1: responder end
         self.protocol = protocol
         self.remote_peer = remote_peer
+        self._eof = False  # a clean end, once read, stays one even if a reset follows
 
     async def read(self, max_bytes: int = 65536) -> bytes:
+        if self._eof:
+            await trio.lowlevel.checkpoint()
+            return b""
         await trio.lowlevel.checkpoint_if_cancelled()
         channel = self._channel
         pipe = channel.pipes[1 - self._side]
         blocked = False
+        data: bytes | None = None  # stays None if the stream is reset
         while not channel.is_reset:
             if pipe.chunks:
                 at, head = pipe.chunks[0]
                 now = trio.current_time()
                 if at <= now:
-                    # an EOF marker stays queued, so later reads see EOF too
-                    data = b"" if head is None else self._take(pipe, now, max_bytes)
+                    if head is None:
+                        self._eof = True
+                        data = b""
+                    else:
+                        data = self._take(pipe, now, max_bytes)
                     break
                 # a reset meanwhile is seen when we wake: at most one latency late
                 await trio.sleep_until(at)
@@ -175,10 +189,10 @@ class MemoryStream(Stream):
                     pipe.waiter = trio.Event()
                 await pipe.waiter.wait()
             blocked = True
-        else:
-            data = b""
         if not blocked:
             await trio.lowlevel.cancel_shielded_checkpoint()
+        if data is None:
+            raise StreamReset(f"stream {self.protocol} with {self.remote_peer} was reset")
         return data
 
     @staticmethod
@@ -202,7 +216,9 @@ class MemoryStream(Stream):
         await trio.lowlevel.checkpoint()
         channel = self._channel
         pipe = channel.pipes[self._side]
-        if channel.is_reset or pipe.eof:
+        if channel.is_reset:
+            raise StreamReset(f"stream {self.protocol} to {self.remote_peer} was reset")
+        if pipe.eof:
             raise StreamClosed(f"stream {self.protocol} to {self.remote_peer} is closed")
         if data:
             self._send(pipe, bytes(data))
@@ -340,35 +356,29 @@ class MemoryHost(Host):
         conn = self._conns.get(peer)
         if conn is not None:
             return conn
-        candidates = self._addrbook.dial_order(peer, addrs)
-        if not candidates:
-            raise DialError(f"no known address for {peer}")
+        return await dial_in_order(self._addrbook, peer, addrs, functools.partial(self._dial, peer))
+
+    async def _dial(self, peer: PeerID, addr: str) -> _Connection:
+        """One address: DialError for a failure there, as :func:`dial_in_order` expects."""
         network = self.network
-        failures = []
-        for addr in candidates:
-            network.stats.dials += 1
-            target = network._by_addr.get(addr)
-            if network._is_frozen(self.peer_id) or (target is not None and network._is_frozen(target.peer_id)):
-                await trio.sleep(DIAL_TIMEOUT)
-                failures.append(f"{addr}: timed out")
-                continue
-            rtt = 2 * network._one_way(self.peer_id, target.peer_id if target is not None else peer)
-            await _sleep(rtt)
-            self._check_alive()
-            conn = self._conns.get(peer)
-            if conn is not None:  # a concurrent dial (ours or theirs) won
-                return conn
-            target = network._by_addr.get(addr)  # it may have crashed meanwhile
-            if target is None:
-                failures.append(f"{addr}: connection refused")
-            elif target.peer_id != peer:
-                failures.append(f"{addr}: answered as {target.peer_id}, not {peer}")
-            elif not network._reachable(self.peer_id, peer):
-                failures.append(f"{addr}: unreachable (partitioned)")
-            else:
-                self._addrbook.worked(peer, addr)
-                return network._connect(self, target)
-        raise DialError(f"could not reach {peer}: " + "; ".join(failures))
+        network.stats.dials += 1
+        target = network._by_addr.get(addr)
+        if network._is_frozen(self.peer_id) or (target is not None and network._is_frozen(target.peer_id)):
+            await trio.sleep(DIAL_TIMEOUT)
+            raise DialError("timed out")
+        await _sleep(2 * network._one_way(self.peer_id, target.peer_id if target is not None else peer))
+        self._check_alive()
+        conn = self._conns.get(peer)
+        if conn is not None:  # a concurrent dial (ours or theirs) won
+            return conn
+        target = network._by_addr.get(addr)  # it may have crashed meanwhile
+        if target is None:
+            raise DialError("connection refused")
+        if target.peer_id != peer:
+            raise DialError(f"answered as {target.peer_id}, not {peer}")
+        if not network._reachable(self.peer_id, peer):
+            raise DialError("unreachable (partitioned)")
+        return network._connect(self, target)
 
     def _start_handler(self, handler: StreamHandler, stream: MemoryStream) -> None:
         # only called on a live connection, so this host is alive and its nursery open
@@ -388,7 +398,7 @@ class MemoryHost(Host):
                 self._handler_scopes.discard(scope)
 
     def _identified(self, info: PeerInfo) -> None:
-        self._addrbook.add(info.peer_id, info.addrs)  # as identify would: dial-back addresses
+        self._addrbook.add(info.peer_id, info.addrs, own=True)  # as identify would: dial-back addresses
         self._listeners.identified(info)
 
     def _info(self) -> PeerInfo:

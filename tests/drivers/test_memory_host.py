@@ -9,11 +9,11 @@ import pytest
 import trio
 
 from modelnet.identity import PrivateKey
-from modelnet.p2p.errors import DialError, HostClosed, P2PError, ProtocolNotSupported, StreamClosed
+from modelnet.p2p.errors import DialError, HostClosed, P2PError, ProtocolNotSupported, StreamClosed, StreamReset
 from modelnet.p2p.host import PeerInfo, Stream
 from modelnet.p2p.memory import DIAL_TIMEOUT, MemoryNetwork
 
-from . import ECHO, Recorder, echo, read_all, request
+from . import ECHO, Recorder, check_eof_and_reset, echo, read_all, request
 
 
 def key(i: int) -> PrivateKey:
@@ -188,8 +188,9 @@ async def test_handler_exception_does_not_kill_the_host(caplog):
         with caplog.at_level(logging.ERROR, logger="modelnet.p2p"):
             stream = await a.new_stream(b.peer_id, ["/broken/1"])
             await stream.write(b"x")
-            assert await stream.read() == b""  # reset by the wrapper
-            with pytest.raises(StreamClosed):
+            with pytest.raises(StreamReset):  # reset by the wrapper
+                await stream.read()
+            with pytest.raises(StreamReset):
                 await stream.write(b"y")
         failures = [r for r in caplog.records if r.name.startswith("modelnet.p2p") and r.exc_info]
         assert any("boom" in str(r.exc_info[1]) for r in failures)
@@ -207,7 +208,10 @@ async def test_handler_return_closes_the_stream():
         a.add_addrs(b.peer_id, b.listen_addrs())
         stream = await a.new_stream(b.peer_id, ["/greet/1"])
         assert await read_all(stream) == b"hi"
-        await stream.close()
+        await a.disconnect(b.peer_id)
+        assert await stream.read() == b""  # a clean end, once read, stays one
+        with pytest.raises(StreamReset):  # but our side was still open: the drop reset it
+            await stream.write(b"late")
 
 
 async def test_partition_and_heal(autojump_clock):
@@ -221,8 +225,9 @@ async def test_partition_and_heal(autojump_clock):
         stream = await a.new_stream(b.peer_id, [ECHO])
 
         net.partition([a.peer_id, c.peer_id], [b.peer_id])
-        assert await stream.read() == b""  # the cross-partition stream was reset
-        with pytest.raises(StreamClosed):
+        with pytest.raises(StreamReset):  # the cross-partition stream was reset
+            await stream.read()
+        with pytest.raises(StreamReset):
             await stream.write(b"x")
         assert seen.gone == [b.peer_id]
         with pytest.raises(DialError, match="partition"):
@@ -268,9 +273,11 @@ async def test_crash_resets_streams_and_makes_peer_unreachable(autojump_clock):
         await handler_started.wait()
 
         net.crash(b.peer_id)
-        assert await echo_stream.read() == b""
-        assert await stuck_stream.read() == b""
-        with pytest.raises(StreamClosed):
+        with pytest.raises(StreamReset):
+            await echo_stream.read()
+        with pytest.raises(StreamReset):
+            await stuck_stream.read()
+        with pytest.raises(StreamReset):
             await echo_stream.write(b"x")
         await handler_cancelled.wait()
         assert seen.gone == [b.peer_id]
@@ -361,7 +368,8 @@ async def test_closing_a_host(autojump_clock):
         assert handler_cancelled.is_set()
         assert b.peer_id not in net.hosts
         assert seen.gone == [b.peer_id]
-        assert await stream.read() == b""
+        with pytest.raises(StreamReset):  # the host went away: not a clean end
+            await stream.read()
         with pytest.raises(DialError):
             await a.connect(b.peer_id)
         with pytest.raises(HostClosed):
@@ -417,3 +425,35 @@ async def test_errors_in_the_body_come_out_unwrapped():
         async with net.open_host(key(0)):
             raise KeyError("body")
     assert key(0).peer_id not in net.hosts
+
+
+async def test_eof_and_reset_are_told_apart(autojump_clock):
+    net = MemoryNetwork(latency=0.01)
+    async with AsyncExitStack() as stack:
+        a, b = await open_hosts(stack, net, 2)
+        await check_eof_and_reset(a, b)
+
+
+async def test_dials_keep_the_address_book(autojump_clock):
+    """Both hosts run the same dial loop: a hearsay address that fails is forgotten, the
+    peer's own address that fails goes last, the one that works goes first."""
+    net = MemoryNetwork(latency=0.01)
+    async with AsyncExitStack() as stack:
+        a, b, c = await open_hosts(stack, net, 3)
+        a.add_addrs(b.peer_id, ["/memory/999", *c.listen_addrs()])  # hearsay, wrong
+        with pytest.raises(DialError, match="refused.*answered as"):
+            await a.connect(b.peer_id)
+        assert a.peer_addrs(b.peer_id) == []
+        assert net.stats.dials == 2
+
+        await a.connect(b.peer_id, b.listen_addrs())
+        await a.disconnect(b.peer_id)
+        a.add_addrs(b.peer_id, ["/memory/998"])
+        assert a.peer_addrs(b.peer_id) == [*b.listen_addrs(), "/memory/998"]
+        net.partition([b.peer_id])
+        with pytest.raises(DialError, match="partitioned"):
+            await a.connect(b.peer_id)
+        # b's own address is kept for later, at the end; the hearsay one is gone
+        assert a.peer_addrs(b.peer_id) == b.listen_addrs()
+        net.heal()
+        await a.connect(b.peer_id)

@@ -11,10 +11,10 @@ from hypothesis import strategies as st
 
 from modelnet.errors import ModelNetError
 from modelnet.identity import PrivateKey
-from modelnet.p2p.errors import ProtocolNotSupported
+from modelnet.p2p.errors import DialError, HostClosed, ProtocolNotSupported, StreamReset
 from modelnet.p2p.host import Stream
 from modelnet.p2p.memory import MemoryNetwork
-from modelnet.p2p.streams import FramedStream
+from modelnet.p2p.streams import MAX_ADDR_LENGTH, AddressBook, FramedStream, dial_in_order
 from modelnet.protocols.errors import FrameTooLarge, LocalProtocolError, RemoteProtocolError
 from modelnet.protocols.framing import encode_frame
 
@@ -24,10 +24,11 @@ PEER = PrivateKey.from_seed(b"\x07" * 32).peer_id
 class ScriptedStream(Stream):
     """Hands out the given chunks one read at a time, then EOF; records what is written."""
 
-    def __init__(self, chunks: list[bytes] = ()) -> None:
+    def __init__(self, chunks: list[bytes] = (), then_reset: bool = False) -> None:
         self.protocol = "/test/1"
         self.remote_peer = PEER
         self.chunks = deque(chunks)
+        self.then_reset = then_reset  # end in a reset instead of EOF
         self.written = bytearray()
         self.closed = False
         self.was_reset = False
@@ -35,6 +36,8 @@ class ScriptedStream(Stream):
     async def read(self, max_bytes: int = 65536) -> bytes:
         await trio.lowlevel.checkpoint()
         if not self.chunks:
+            if self.then_reset:
+                raise StreamReset("scripted reset")
             return b""
         chunk = self.chunks.popleft()
         if len(chunk) > max_bytes:
@@ -279,3 +282,182 @@ def test_identify_round_trip():
     info = _parse_identify(PEER, message.SerializeToString())
     assert info.addrs == ("/ip4/10.0.0.1/tcp/4001",)  # the malformed one is skipped
     assert info.protocols == frozenset({"/a/1.0.0", "/ipfs/id/1.0.0"})
+
+
+async def test_a_reset_is_not_the_end_of_the_frames():
+    wire = encode_frame(b"one") + encode_frame(b"two")
+    for cut in (len(encode_frame(b"one")), len(wire) - 1):  # at a boundary, inside a frame
+        framed = FramedStream(ScriptedStream([wire[:cut]], then_reset=True))
+        assert await framed.receive() == b"one"
+        with pytest.raises(StreamReset):
+            await framed.receive()
+
+
+async def test_a_reset_over_a_memory_network_reaches_receive():
+    async def hang_up(stream: Stream) -> None:
+        async with FramedStream(stream) as framed:
+            await framed.send(b"first")
+            await framed.reset()
+
+    net = MemoryNetwork()
+    async with net.open_host(PrivateKey.from_seed(b"\x01" * 32)) as a:
+        async with net.open_host(PrivateKey.from_seed(b"\x02" * 32)) as b:
+            b.set_stream_handler("/hang-up/1", hang_up)
+            a.add_addrs(b.peer_id, b.listen_addrs())
+            framed = FramedStream(await a.new_stream(b.peer_id, ["/hang-up/1"]))
+            with pytest.raises(StreamReset):  # the reset overtakes what was in flight
+                while await framed.receive() is not None:
+                    pass
+
+
+# -- the address book ---------------------------------------------------------------
+
+OWNER = PrivateKey.from_seed(b"\x0a" * 32).peer_id
+PEERS = [PrivateKey.from_seed(bytes([0x20 + i]) * 32).peer_id for i in range(6)]
+
+
+def tcp(i: int) -> str:
+    return f"/ip4/10.0.0.{i}/tcp/4001"
+
+
+def test_address_book_caps_addresses_per_peer():
+    book = AddressBook(OWNER, max_addrs=3)
+    book.add(PEERS[0], [tcp(1), tcp(1), "/dns4/" + "x" * MAX_ADDR_LENGTH + "/tcp/1", tcp(2)])
+    book.add(PEERS[0], [tcp(3), tcp(4), tcp(5)])
+    assert book.addrs(PEERS[0]) == [tcp(1), tcp(2), tcp(3)]  # first come; overlong dropped
+    book.add(OWNER, [tcp(9)])
+    assert book.addrs(OWNER) == []
+    book.add(PEERS[1], [])
+    assert len(book) == 1
+
+
+def test_address_book_own_addresses_outrank_hearsay():
+    book = AddressBook(OWNER, max_addrs=3)
+    book.add(PEERS[0], [tcp(1), tcp(2), tcp(3)])  # hearsay fills the peer's slots
+    book.add(PEERS[0], [tcp(7), tcp(8)], own=True)  # identify: the peer's own word
+    assert book.addrs(PEERS[0]) == [tcp(7), tcp(8), tcp(1)]
+    book.add(PEERS[0], [tcp(4)])  # hearsay cannot displace them
+    book.add(PEERS[0], [tcp(5), tcp(6)])
+    assert book.addrs(PEERS[0]) == [tcp(7), tcp(8), tcp(1)]
+    book.worked(PEERS[0], tcp(1))  # a dial proved it
+    assert book.addrs(PEERS[0]) == [tcp(1), tcp(7), tcp(8)]
+    assert book.dial_order(PEERS[0], [tcp(9), tcp(7)]) == [tcp(9), tcp(7), tcp(1), tcp(8)]
+
+
+def test_address_book_failures():
+    book = AddressBook(OWNER)
+    book.add(PEERS[0], [tcp(1)], own=True)
+    book.add(PEERS[0], [tcp(2), tcp(3)])
+    book.failed(PEERS[0], tcp(2))  # hearsay that fails is forgotten
+    assert book.addrs(PEERS[0]) == [tcp(1), tcp(3)]
+    book.failed(PEERS[0], tcp(1))  # the peer's own goes last: it may come back
+    assert book.addrs(PEERS[0]) == [tcp(3), tcp(1)]
+    book.failed(PEERS[0], tcp(3))
+    book.failed(PEERS[1], tcp(3))  # unknown peer: nothing to do
+    assert book.addrs(PEERS[0]) == [tcp(1)]
+    book.add(PEERS[1], [tcp(4)])
+    book.failed(PEERS[1], tcp(4))
+    assert book.addrs(PEERS[1]) == [] and len(book) == 1  # a peer with no address is dropped
+
+
+def test_address_book_drops_hearsay_peers_first_least_recently_used_first():
+    book = AddressBook(OWNER, max_peers=3)
+    book.add(PEERS[0], [tcp(0)], own=True)
+    book.add(PEERS[1], [tcp(1)])
+    book.add(PEERS[2], [tcp(2)])
+    book.add(PEERS[1], [tcp(11)])  # used again: now PEERS[2] is the stalest hearsay
+    book.add(PEERS[3], [tcp(3)])
+    assert [book.addrs(p) != [] for p in PEERS[:4]] == [True, True, False, True]
+    for i in (4, 5):  # a flood of hearsay peers churns only hearsay
+        book.add(PEERS[i], [tcp(i)])
+    assert book.addrs(PEERS[0]) == [tcp(0)] and len(book) == 3
+    book.worked(PEERS[5], tcp(5))
+    book.worked(PEERS[4], tcp(4))
+    book.add(PEERS[1], [tcp(1)], own=True)  # all vouched: the least recently used goes
+    assert [book.addrs(p) != [] for p in (PEERS[0], PEERS[1], PEERS[4], PEERS[5])] == [False, True, True, True]
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from(["add", "own", "worked", "failed"]),
+            st.integers(min_value=0, max_value=5),
+            st.lists(st.integers(min_value=0, max_value=12), max_size=5),
+        ),
+        max_size=40,
+    )
+)
+def test_address_book_bounds_hold_under_any_operations(ops):
+    book = AddressBook(OWNER, max_addrs=4, max_peers=3)
+    for op, peer_index, addr_numbers in ops:
+        peer, addrs = PEERS[peer_index], [tcp(n) for n in addr_numbers]
+        before = book.addrs(peer)
+        if op in ("add", "own"):
+            book.add(peer, addrs, own=op == "own")
+        else:
+            for addr in addrs:
+                getattr(book, op)(peer, addr)
+        after = book.addrs(peer)
+        assert len(book) <= 3
+        assert len(after) <= 4 and len(set(after)) == len(after)
+        if op == "add":  # hearsay only ever appends
+            assert after[: len(before)] == before
+    assert sum(1 for p in PEERS if book.addrs(p)) == len(book)
+
+
+# -- the dial loop both hosts share ---------------------------------------------------
+
+
+async def test_dial_in_order_tries_each_address_and_tells_the_book():
+    tried = []
+    outcomes: dict[str, BaseException] = {}  # by address; any other address connects
+
+    async def attempt(addr: str) -> str:
+        await trio.lowlevel.checkpoint()
+        tried.append(addr)
+        if addr in outcomes:
+            raise outcomes[addr]
+        return "connection"
+
+    book = AddressBook(OWNER)
+    book.add(PEERS[0], [tcp(2), tcp(3)])
+    outcomes.update({tcp(1): DialError("refused"), tcp(2): DialError("refused")})
+    assert await dial_in_order(book, PEERS[0], [tcp(1)], attempt) == "connection"
+    assert tried == [tcp(1), tcp(2), tcp(3)]
+    assert book.addrs(PEERS[0]) == [tcp(3)]  # the one that worked; failed hearsay forgotten
+
+    with pytest.raises(DialError, match=r"could not reach .*10\.0\.0\.1.*refused.*10\.0\.0\.2.*refused"):
+        await dial_in_order(AddressBook(OWNER), PEERS[1], [tcp(1), tcp(2)], attempt)
+    with pytest.raises(DialError, match="no known address"):
+        await dial_in_order(AddressBook(OWNER), PEERS[1], [], attempt)
+
+    # any other error ends the loop at once and is not held against the address
+    tried.clear()
+    outcomes[tcp(4)] = HostClosed("closing")
+    book.add(PEERS[2], [tcp(4), tcp(5)])
+    with pytest.raises(HostClosed):
+        await dial_in_order(book, PEERS[2], [], attempt)
+    assert tried == [tcp(4)]
+    assert book.addrs(PEERS[2]) == [tcp(4), tcp(5)]
+
+
+# -- multistream-select strictness -------------------------------------------------------
+
+
+async def test_accept_resets_a_message_without_a_newline():
+    from modelnet.p2p.libp2p_host import _accept
+
+    for message in (b"/a/1.0.0", b"", b"ls"):
+        stream = FakeNetStream([MULTISTREAM + delimited(message)])
+        with pytest.raises(RemoteProtocolError, match="newline"):
+            await _accept(stream, SUPPORTED)
+        assert b"na" not in bytes(stream.written)
+
+
+async def test_accept_answers_ls_with_na():
+    from modelnet.p2p.libp2p_host import _accept
+
+    stream = FakeNetStream([MULTISTREAM + delimited(b"ls\n") + delimited(b"/b/2.0.0\n")])
+    assert await _accept(stream, SUPPORTED) == ("/b/2.0.0", b"")
+    assert bytes(stream.written) == MULTISTREAM + delimited(b"na\n") + delimited(b"/b/2.0.0\n")

@@ -9,14 +9,18 @@ from functools import partial
 
 import pytest
 import trio
+from libp2p.abc import INetStream
+from libp2p.network.stream.exceptions import StreamError
+from libp2p.peer.id import ID
 
 from modelnet.identity import PrivateKey
-from modelnet.p2p.errors import BadAddress, DialError, ProtocolNotSupported, StreamClosed
-from modelnet.p2p.host import Stream
+from modelnet.p2p.errors import BadAddress, DialError, ProtocolNotSupported, StreamReset
+from modelnet.p2p.host import Host, Stream
 from modelnet.p2p.libp2p_host import open_libp2p_host
 from modelnet.p2p.streams import FramedStream
+from modelnet.protocols.framing import encode_uvarint
 
-from ..drivers import ECHO, Recorder, echo, read_all, request
+from ..drivers import ECHO, Recorder, check_eof_and_reset, echo, read_all, request
 
 pytestmark = pytest.mark.loopback
 
@@ -34,6 +38,16 @@ async def open_hosts(stack: AsyncExitStack, n: int, first: int = 0):
         host.set_stream_handler(ECHO, echo)
         hosts.append(host)
     return hosts
+
+
+def delimited(message: bytes) -> bytes:
+    return encode_uvarint(len(message)) + message
+
+
+async def raw_stream(a: Host, b: Host) -> INetStream:
+    """A libp2p stream from ``a`` to ``b`` below our negotiation: the test speaks it."""
+    await a.connect(b.peer_id, b.listen_addrs())
+    return await a._network.new_stream(ID(b.peer_id.bytes))
 
 
 def tcp_port(addr: str) -> int:
@@ -175,8 +189,9 @@ async def test_handler_exception_is_isolated(caplog):
             with caplog.at_level(logging.ERROR, logger="modelnet.p2p"):
                 stream = await a.new_stream(b.peer_id, ["/test/broken/1"])
                 await stream.write(b"x")
-                assert await stream.read() == b""  # reset by the wrapper
-                with pytest.raises(StreamClosed):
+                with pytest.raises(StreamReset):  # reset by the wrapper: not a clean end
+                    await stream.read()
+                with pytest.raises(StreamReset):
                     await stream.write(b"y")
             assert any(r.exc_info and "boom" in str(r.exc_info[1]) for r in caplog.records)
             assert await request(a, b.peer_id, b"host alive") == b"host alive"
@@ -286,19 +301,11 @@ async def test_bad_listen_addresses():
 
 async def test_inbound_negotiation_keeps_pipelined_bytes():
     """A lazy initiator (go-libp2p's style) sends its first bytes with the proposal."""
-    from libp2p.peer.id import ID
-
-    from modelnet.protocols.framing import encode_uvarint
-
-    def delimited(message: bytes) -> bytes:
-        return encode_uvarint(len(message)) + message
-
     with trio.fail_after(15):
         async with AsyncExitStack() as stack:
             a, b = await open_hosts(stack, 2)
-            await a.connect(b.peer_id, b.listen_addrs())
             for protocol, payload in ((ECHO, b"eager bytes"), ("/ipfs/ping/1.0.0", bytes(range(32)))):
-                raw = await a._network.new_stream(ID(b.peer_id.bytes))  # below our negotiation
+                raw = await raw_stream(a, b)
                 proposal = protocol.encode() + b"\n"
                 await raw.write(delimited(b"/multistream/1.0.0\n") + delimited(b"/nope/1\n"))
                 await raw.write(delimited(proposal) + payload)
@@ -314,13 +321,6 @@ async def test_inbound_negotiation_keeps_pipelined_bytes():
 
 async def test_inbound_negotiation_with_a_step_by_step_initiator():
     """py-libp2p's own client waits for each answer before it says the next thing."""
-    from libp2p.peer.id import ID
-
-    from modelnet.protocols.framing import encode_uvarint
-
-    def delimited(message: bytes) -> bytes:
-        return encode_uvarint(len(message)) + message
-
     async def read_exactly(raw, n: int) -> bytes:
         got = b""
         while len(got) < n:
@@ -330,8 +330,7 @@ async def test_inbound_negotiation_with_a_step_by_step_initiator():
     with trio.fail_after(15):
         async with AsyncExitStack() as stack:
             a, b = await open_hosts(stack, 2)
-            await a.connect(b.peer_id, b.listen_addrs())
-            raw = await a._network.new_stream(ID(b.peer_id.bytes))
+            raw = await raw_stream(a, b)
             for message in (b"/multistream/1.0.0\n", b"/nope/1\n", ECHO.encode() + b"\n"):
                 await raw.write(delimited(message))
                 answer = delimited(b"na\n" if message == b"/nope/1\n" else message)
@@ -370,3 +369,45 @@ async def test_libp2p_logging_is_taken_over():
     assert [r.getMessage() for r in forwarded if r.levelno >= logging.WARNING] == ["worth seeing"]
     assert "noise" not in [r.getMessage() for r in forwarded]
     assert any(r.name.startswith("libp2p.transport") for r in forwarded)  # the refused dial, at DEBUG
+
+
+async def test_eof_and_reset_are_told_apart():
+    with trio.fail_after(20):
+        async with AsyncExitStack() as stack:
+            a, b = await open_hosts(stack, 2)
+            await check_eof_and_reset(a, b)
+
+
+async def test_a_closing_host_resets_the_streams_to_it():
+    stuck = trio.Event()
+
+    async def hold(stream: Stream) -> None:
+        stuck.set()
+        await trio.sleep_forever()
+
+    with trio.fail_after(20):
+        async with AsyncExitStack() as stack:
+            (a,) = await open_hosts(stack, 1)
+            async with open_libp2p_host(key(1)) as b:
+                b.set_stream_handler("/test/hold/1", hold)
+                a.add_addrs(b.peer_id, b.listen_addrs())
+                stream = await a.new_stream(b.peer_id, ["/test/hold/1"])
+                await stream.write(b"x")
+                await stuck.wait()
+            with pytest.raises(StreamReset):
+                await stream.read()
+
+
+async def test_a_negotiation_message_without_a_newline_resets_the_stream():
+    with trio.fail_after(15):
+        async with AsyncExitStack() as stack:
+            a, b = await open_hosts(stack, 2)
+            raw = await raw_stream(a, b)
+            await raw.write(delimited(b"/multistream/1.0.0\n") + delimited(ECHO.encode()))  # no "\n"
+            got = b""
+            with pytest.raises(StreamError):
+                while True:
+                    got += await raw.read(65536)
+            assert b"na" not in got and ECHO.encode() not in got
+            assert raw.muxed_stream.reset_received  # reset, not closed
+            assert await request(a, b.peer_id, b"next one is fine") == b"next one is fine"
