@@ -37,12 +37,16 @@ class _Candidate:
 class Lookup:
     """Find the ``k`` peers closest to ``target`` (raw key bytes; hashed like the table)."""
 
-    def __init__(self, target: bytes, seeds: Iterable[Contact], *, k: int = K, alpha: int = ALPHA) -> None:
-        if k < 1 or alpha < 1:
-            raise ValueError("k and alpha must be at least 1")
+    def __init__(
+        self, target: bytes, seeds: Iterable[Contact], *, k: int = K, alpha: int = ALPHA, max_new: int | None = None
+    ) -> None:
+        if k < 1 or alpha < 1 or (max_new is not None and max_new < 1):
+            raise ValueError("k, alpha and max_new must be at least 1")
         self.target = target
         self.k = k
         self.alpha = alpha
+        self.max_new = k if max_new is None else max_new
+        """New candidates one answer may add (of the k closest peers it names)."""
         self.queries = 0
         self.successes = 0
         self.failures = 0
@@ -52,14 +56,16 @@ class Lookup:
         self._stopped = False
         self._learn(seeds, depth=0)
 
-    def _learn(self, contacts: Iterable[Contact], depth: int) -> None:
-        added = False
+    def _learn(self, contacts: Iterable[Contact], depth: int, limit: int | None = None) -> None:
+        added = 0
         for contact in contacts:
+            if limit is not None and added >= limit:
+                break
             if contact.peer_id not in self._candidates:
                 candidate = _Candidate(contact, contact.key ^ self._target_key, depth)
                 self._candidates[contact.peer_id] = candidate
                 self._order.append(candidate)
-                added = True
+                added += 1
         if added:
             self._order.sort(key=lambda c: c.distance)
 
@@ -104,7 +110,8 @@ class Lookup:
         return [c.contact for c in start]
 
     def on_success(self, peer: PeerID, closer: Iterable[Contact], now: float) -> None:
-        """``peer`` answered, naming ``closer`` peers (only the k closest of them are kept)."""
+        """``peer`` answered, naming ``closer`` peers: of the k closest distinct peers it
+        names, at most ``max_new`` not yet known become candidates."""
         candidate = self._candidates.get(peer)
         if candidate is None or candidate.state is not _State.WAITING:
             return  # a late or unsolicited answer changes nothing
@@ -112,9 +119,10 @@ class Lookup:
         self.successes += 1
         target_key = self._target_key
         # A peer may name many contacts; only the k closest could ever matter, and keeping
-        # the rest would let one peer bloat every lookup.
-        best = sorted(closer, key=lambda c: c.key ^ target_key)[: self.k]
-        self._learn(best, depth=candidate.depth + 1)
+        # the rest (or repeats of one) would let one peer bloat every lookup.
+        distinct = {c.peer_id: c for c in closer}.values()
+        best = sorted(distinct, key=lambda c: c.key ^ target_key)[: self.k]
+        self._learn(best, depth=candidate.depth + 1, limit=self.max_new)
 
     def on_failure(self, peer: PeerID, now: float) -> None:
         candidate = self._candidates.get(peer)

@@ -199,6 +199,23 @@ class RoutingTable:
         """A lookup for ``key`` just completed: its bucket needs no refresh for a while."""
         self._buckets[self._bucket_index(kad_key(key))].refreshed = now
 
+    def mark_neighbourhood_refreshed(self, closest: Sequence[Contact], now: float) -> None:
+        """A lookup of our own id just completed with ``closest`` (the k closest peers that
+        answered): the buckets it covers need no random lookup.
+
+        Every peer in a bucket deeper than the farthest of ``closest`` is closer to us than
+        that one, so the self-lookup found all of them: those buckets are complete. With
+        fewer than k answers the lookup ran out of peers to ask, so it saw the whole
+        (reachable) network and every bucket is complete. This is what spares a small
+        network, or a node's deep buckets, one random lookup per bucket at every refresh.
+        """
+        if len(closest) < self.k:
+            start = 0
+        else:
+            start = min(self._bucket_index(c.key) for c in closest) + 1
+        for bucket in self._buckets[start:]:
+            bucket.refreshed = max(bucket.refreshed, now)
+
     def buckets_to_refresh(
         self, now: float, interval: float, rng: random.Random | None = None
     ) -> list[bytes]:

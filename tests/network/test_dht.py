@@ -13,8 +13,8 @@ import trio
 from modelnet.errors import ModelNetError
 from modelnet.identity import PrivateKey
 from modelnet.p2p.kad import BootstrapFailed, Config, KademliaDHT, RecordRejected
-from modelnet.p2p.errors import ProtocolNotSupported
-from modelnet.p2p.kad.dht import MAX_INBOUND_STREAMS_PER_PEER
+from modelnet.p2p.errors import ProtocolNotSupported, StreamClosed
+from modelnet.p2p.kad.dht import MAX_INBOUND_STREAMS_PER_PEER, _fit
 from modelnet.p2p.kad.table import common_prefix_length, distance, kad_key
 from modelnet.p2p.memory import MemoryNetwork
 from modelnet.p2p.streams import FramedStream
@@ -175,29 +175,29 @@ async def test_get_value_repairs_peers_holding_an_older_value(autojump_clock):
 async def test_every_node_provides_and_finds_providers(autojump_clock):
     async with swarm(30) as s:
         for i, node in enumerate(s.nodes):
-            assert await node.provide(b"/cap/chat") == 20
-            assert await node.provide(b"/cap/own/%d" % i) == 20
+            assert await node.provide(b"/modelnet/cap/chat") == 20
+            assert await node.provide(b"/modelnet/cap/own/%d" % i) == 20
         everyone = {node.peer_id for node in s.nodes}
         for i, node in enumerate(s.nodes):
-            found = await node.find_providers(b"/cap/chat", count=len(s.nodes))
+            found = await node.find_providers(b"/modelnet/cap/chat", count=len(s.nodes))
             assert {peer for peer, _ in found} == everyone
             owner = s.nodes[(i + 1) % len(s.nodes)]
-            assert await node.find_providers(b"/cap/own/%d" % ((i + 1) % len(s.nodes))) == [
+            assert await node.find_providers(b"/modelnet/cap/own/%d" % ((i + 1) % len(s.nodes))) == [
                 (owner.peer_id, owner.host.listen_addrs())
             ]
         # count bounds the answer
-        assert len(await s.nodes[0].find_providers(b"/cap/chat", count=3)) == 3
-        assert await s.nodes[0].find_providers(b"/cap/nobody") == []
+        assert len(await s.nodes[0].find_providers(b"/modelnet/cap/chat", count=3)) == 3
+        assert await s.nodes[0].find_providers(b"/modelnet/cap/nobody") == []
 
 
 async def test_providers_only_announce_themselves(autojump_clock):
     async with swarm(10) as s:
         liar, victim = s.nodes[2], s.nodes[5]
-        closest = (await liar.closest_peers(b"/cap/x"))[0].peer_id
+        closest = (await liar.closest_peers(b"/modelnet/cap/x"))[0].peer_id
         holder = next(n for n in s.nodes if n.peer_id == closest)
         forged = KadMessage(
             MessageType.ADD_PROVIDER,
-            key=b"/cap/x",
+            key=b"/modelnet/cap/x",
             provider_peers=(KadPeer.from_peer(victim.peer_id, victim.host.listen_addrs()),),
         )
         itself = KadPeer.from_peer(liar.peer_id, liar.host.listen_addrs())
@@ -210,7 +210,7 @@ async def test_providers_only_announce_themselves(autojump_clock):
             await framed.send(encode_message(honest))
             await framed.send(encode_message(KadMessage(MessageType.PING)))
             assert decode_message(await framed.receive()).type == MessageType.PING
-        assert holder.providers.providers(b"/cap/x", wall_clock()) == [(liar.peer_id, tuple(liar.host.listen_addrs()))]
+        assert holder.providers.providers(b"/modelnet/cap/x", wall_clock()) == [(liar.peer_id, tuple(liar.host.listen_addrs()))]
 
 
 async def test_records_expire_unless_republished(autojump_clock):
@@ -219,23 +219,23 @@ async def test_records_expire_unless_republished(autojump_clock):
     async with swarm(10, config) as s:
         keeper, leaver, stopper, reader = s.nodes[1], s.nodes[2], s.nodes[3], s.nodes[9]
         await keeper.put_value(b"/v/kept", b"v1")
-        await keeper.provide(b"/cap/kept")
+        await keeper.provide(b"/modelnet/cap/kept")
         await leaver.put_value(b"/v/gone", b"v1")
-        await leaver.provide(b"/cap/gone")
-        await stopper.provide(b"/cap/stopped")
-        stopper.stop_providing(b"/cap/stopped")
+        await leaver.provide(b"/modelnet/cap/gone")
+        await stopper.provide(b"/modelnet/cap/stopped")
+        stopper.stop_providing(b"/modelnet/cap/stopped")
         s.network.crash(leaver.peer_id)
 
         await trio.sleep(1.5 * hour)  # not expired yet
         assert await reader.get_value(b"/v/gone") == b"v1"
-        assert [p for p, _ in await reader.find_providers(b"/cap/stopped")] == [stopper.peer_id]
+        assert [p for p, _ in await reader.find_providers(b"/modelnet/cap/stopped")] == [stopper.peer_id]
 
         await trio.sleep(5 * hour)  # several ttls: only what is republished is left
         assert await reader.get_value(b"/v/kept") == b"v1"
-        assert [p for p, _ in await reader.find_providers(b"/cap/kept")] == [keeper.peer_id]
+        assert [p for p, _ in await reader.find_providers(b"/modelnet/cap/kept")] == [keeper.peer_id]
         assert await reader.get_value(b"/v/gone") is None
-        assert await reader.find_providers(b"/cap/gone") == []
-        assert await reader.find_providers(b"/cap/stopped") == []
+        assert await reader.find_providers(b"/modelnet/cap/gone") == []
+        assert await reader.find_providers(b"/modelnet/cap/stopped") == []
         # the expired records are swept from memory too, not only hidden
         assert all(b"/v/gone" not in n.records for n in s.nodes if n is not leaver)
 
@@ -288,7 +288,8 @@ async def test_a_peer_answering_garbage_is_evicted_and_the_node_keeps_serving(au
             stream = await bad_host.new_stream(node.peer_id, [PROTOCOL_ID])
             async with FramedStream(stream) as framed:
                 await stream.write(raw)
-                assert await framed.receive() is None
+                with pytest.raises(StreamClosed):  # reset
+                    await framed.receive()
         await s.nodes[7].put_value(b"/v/still", b"v3")
         assert await node.get_value(b"/v/still") == b"v3"
         assert await s.nodes[9].find_peer(node.peer_id) == node.host.listen_addrs()
@@ -301,8 +302,8 @@ async def test_inbound_streams_per_peer_are_limited(autojump_clock):
         greedy.add_addrs(node.peer_id, node.host.listen_addrs())
         held = [await greedy.new_stream(node.peer_id, [PROTOCOL_ID]) for _ in range(MAX_INBOUND_STREAMS_PER_PEER)]
         extra = await greedy.new_stream(node.peer_id, [PROTOCOL_ID])
-        with trio.fail_after(1.0):
-            assert await extra.read() == b""  # reset at once
+        with trio.fail_after(1.0), pytest.raises(StreamClosed):
+            await extra.read()  # reset at once
         with trio.move_on_after(1.0) as waiting:
             await held[0].read()
         assert waiting.cancelled_caught  # the first ones are still open
@@ -315,16 +316,18 @@ async def test_inbound_streams_per_peer_are_limited(autojump_clock):
 async def test_client_mode_looks_up_but_is_never_routed_to(autojump_clock):
     async with swarm(15) as s:
         await s.nodes[2].put_value(b"/v/c", b"v7")
-        await s.nodes[5].provide(b"/cap/c")
+        await s.nodes[5].provide(b"/modelnet/cap/c")
         client = await s.add(120, Config(client_mode=True))
         assert await s.join(client) > 0
         assert await client.get_value(b"/v/c") == b"v7"
-        assert [p for p, _ in await client.find_providers(b"/cap/c")] == [s.nodes[5].peer_id]
+        assert [p for p, _ in await client.find_providers(b"/modelnet/cap/c")] == [s.nodes[5].peer_id]
         for node in s.nodes:
             assert await client.find_peer(node.peer_id) == node.host.listen_addrs()
-        await client.provide(b"/cap/client")
-        # let every server refresh its table a few times
+        await client.provide(b"/modelnet/cap/client")
+        # let every server refresh its table a few times (and check that they did)
+        refreshes = [node.stats.refreshes for node in s.nodes]
         await trio.sleep(3 * Config().refresh_interval)
+        assert all(node.stats.refreshes >= before + 2 for node, before in zip(s.nodes, refreshes))
         for node in s.nodes:
             assert client.peer_id not in node.routing_table
             assert all(c.peer_id != client.peer_id for c in await node.closest_peers(client.peer_id.bytes))
@@ -340,10 +343,26 @@ async def test_bootstrap_fails_when_no_peer_answers(autojump_clock):
         assert len(lonely.routing_table) == 0
 
 
+class PingWatching(KademliaDHT):
+    """Sets ``pinged`` when a PING it sent is answered or failed."""
+
+    pinged = trio.Event()
+
+    async def _request(self, peer, request, **kwargs):
+        try:
+            return await super()._request(peer, request, **kwargs)
+        finally:
+            if request.type == MessageType.PING:
+                self.pinged.set()
+
+
 async def test_a_full_bucket_pings_its_oldest_before_taking_a_newcomer(autojump_clock):
     config = Config(k=1)
-    async with swarm(1, config) as s:
-        owner = s.nodes[0]
+    async with swarm(0, config) as s:
+        host = await s.stack.enter_async_context(s.network.open_host(key(1)))
+        owner = PingWatching(host, config, wall_clock=wall_clock, validators=VALIDATORS)
+        await s.nursery.start(owner.serve)
+        s.nodes.append(owner)
         owner_key = kad_key(owner.peer_id.bytes)
         # three peers that fall into the same bucket of the owner's table
         same_bucket = [i for i in range(2, 60) if common_prefix_length(owner_key, kad_key(key(i).peer_id.bytes)) == 0]
@@ -354,15 +373,193 @@ async def test_a_full_bucket_pings_its_oldest_before_taking_a_newcomer(autojump_
         await trio.sleep(120)  # the old contact is no longer "just seen"
 
         newcomer = await s.add(new_i, config)
+        owner.pinged = trio.Event()
         await s.join(newcomer)
-        await trio.sleep(10)  # the ping round trip
+        with trio.fail_after(60):
+            await owner.pinged.wait()
+        assert owner.stats.pings == 1
         assert old.peer_id in owner.routing_table  # it answered the ping: it stays
         assert newcomer.peer_id not in owner.routing_table
 
         await trio.sleep(120)
         s.network.crash(old.peer_id)
         late = await s.add(late_i, config)
+        owner.pinged = trio.Event()
         await late.bootstrap([(owner.peer_id, owner.host.listen_addrs())])
-        await trio.sleep(10)
+        with trio.fail_after(60):
+            await owner.pinged.wait()
+        assert owner.stats.pings == 2
         assert old.peer_id not in owner.routing_table  # it did not answer: replaced
         assert late.peer_id in owner.routing_table
+
+
+# ---- stream reuse -------------------------------------------------------------------------
+
+
+async def test_requests_to_a_peer_reuse_one_stream(autojump_clock):
+    async with swarm(6) as s:
+        asker = s.nodes[0]
+        await asker.closest_peers(b"warm-up")
+        opened, queries = asker.stats.streams_opened, asker.stats.queries
+        assert asker.pooled_streams == len(asker.routing_table) == 5
+        for i in range(5):  # (lookups that stop early, like find_peer, reset what is in flight)
+            await asker.closest_peers(b"target %d" % i)
+            assert await asker.get_value(b"/v/none %d" % i) is None
+        assert asker.stats.queries >= queries + 20
+        assert asker.stats.streams_opened == opened  # every one of them on a pooled stream
+        assert asker.stats.failures == 0
+
+
+async def test_a_stale_pooled_stream_is_replaced_once(autojump_clock):
+    async with swarm(4) as s:
+        asker, other = s.nodes[0], s.nodes[1]
+        await asker.closest_peers(b"warm-up")
+        assert asker.pooled_streams == 3
+        await asker.host.disconnect(other.peer_id)  # resets every stream between them
+        opened = asker.stats.streams_opened
+        await asker.closest_peers(b"after the reset")
+        assert asker.stats.stale_retries >= 1
+        assert asker.stats.streams_opened > opened
+        assert asker.stats.failures == 0 and other.peer_id in asker.routing_table
+
+
+async def test_timeouts_are_not_retried_and_drop_the_stream(autojump_clock):
+    config = Config(request_timeout=5.0)
+    async with swarm(4, config) as s:
+        asker, frozen = s.nodes[0], s.nodes[2]
+        await asker.closest_peers(b"warm-up")
+        s.network.freeze(frozen.peer_id)
+        opened, pooled = asker.stats.streams_opened, asker.pooled_streams
+        start = trio.current_time()
+        assert frozen.peer_id not in peers_of(await asker.closest_peers(b"while frozen"))
+        assert trio.current_time() - start < 1.5 * config.request_timeout
+        assert asker.stats.stale_retries == 0 and asker.stats.streams_opened == opened
+        assert asker.pooled_streams == pooled - 1  # the frozen peer's stream was reset
+
+
+async def test_idle_streams_are_closed_and_the_pool_is_bounded(autojump_clock):
+    config = Config(max_pooled_streams=3)
+    async with swarm(8, config) as s:
+        asker = s.nodes[0]
+        await asker.closest_peers(b"everyone")
+        assert len(asker.routing_table) == 7 and asker.pooled_streams == 3
+        await trio.sleep(1.5 * config.stream_idle_timeout)
+        assert asker.pooled_streams == 0
+        opened = asker.stats.streams_opened
+        await asker.closest_peers(b"again")
+        assert asker.stats.streams_opened > opened and asker.stats.stale_retries == 0
+
+
+# ---- what answers carry -------------------------------------------------------------------
+
+
+def test_answers_are_trimmed_to_fit_addresses_first():
+    peers = tuple(KadPeer.from_peer(key(i).peer_id, [f"/ip4/10.0.0.{j}/tcp/{4000 + i}" for j in range(8)]) for i in range(20))
+    answer = KadMessage(MessageType.GET_PROVIDERS, key=b"/modelnet/cap/x", closer_peers=peers, provider_peers=peers)
+    size = len(encode_message(answer))
+    assert _fit(answer, size) is answer
+    # a little too big: the biggest entries lose their addresses, every peer stays
+    fitted = _fit(answer, size - 100)
+    assert len(encode_message(fitted)) <= size - 100
+    assert [p.id for p in fitted.closer_peers + fitted.provider_peers] == [p.id for p in peers + peers]
+    assert 0 < sum(not p.addrs for p in fitted.closer_peers + fitted.provider_peers) < 40
+    # far too big: peers go too, closer peers first
+    bare = tuple(dataclasses.replace(p, addrs=()) for p in peers)
+    budget = len(encode_message(KadMessage(MessageType.GET_PROVIDERS, key=b"/modelnet/cap/x", provider_peers=bare)))
+    fitted = _fit(answer, budget)
+    assert len(encode_message(fitted)) <= budget
+    assert fitted.closer_peers == () and fitted.provider_peers == bare
+
+
+def lie(host, named):
+    """Make ``host`` answer every kad request with ``named`` as the closer peers."""
+
+    async def handler(stream):
+        async with FramedStream(stream) as framed:
+            while (data := await framed.receive()) is not None:
+                request = decode_message(data)
+                await framed.send(encode_message(KadMessage(request.type, key=request.key, closer_peers=named)))
+
+    host.set_stream_handler(PROTOCOL_ID, handler)
+
+
+async def test_third_party_addresses_never_reach_the_routing_table(autojump_clock):
+    async with swarm(8) as s:
+        node, victim = s.nodes[0], s.nodes[5]
+        liar = await s.stack.enter_async_context(s.network.open_host(key(152)))
+        junk = [f"/ip4/6.6.6.{i}/tcp/666" for i in range(30)]
+        lie(liar, (KadPeer.from_peer(victim.peer_id, junk),))
+        await liar.connect(node.peer_id, node.host.listen_addrs())
+        node.routing_table.remove(victim.peer_id)  # so only the liar's answer names it
+        assert victim.peer_id in peers_of(await node.closest_peers(victim.peer_id.bytes))
+        assert node.routing_table.contact(victim.peer_id).addrs == tuple(victim.host.listen_addrs())
+        # and what the node tells others about the victim is the victim's own word
+        stream = await s.nodes[3].host.new_stream(node.peer_id, [PROTOCOL_ID])
+        async with FramedStream(stream) as framed:
+            await framed.send(encode_message(KadMessage(MessageType.FIND_NODE, key=victim.peer_id.bytes)))
+            answer = decode_message(await framed.receive())
+        named = {peer: addrs for peer, addrs in (p.to_peer() for p in answer.closer_peers)}
+        assert named[victim.peer_id] == victim.host.listen_addrs()
+
+
+# ---- bounded lookups ----------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def tarpit_swarm(config: Config) -> AsyncIterator[tuple[Swarm, KademliaDHT]]:
+    """10 honest nodes and a liar that names 20 unreachable peers (frozen: every dial to
+    one takes the whole request timeout)."""
+    async with swarm(10, config) as s:
+        tarpits = [await s.stack.enter_async_context(s.network.open_host(key(160 + i))) for i in range(20)]
+        for tarpit in tarpits:
+            s.network.freeze(tarpit.peer_id)
+        liar = await s.stack.enter_async_context(s.network.open_host(key(159)))
+        lie(liar, tuple(KadPeer.from_peer(t.peer_id, t.listen_addrs()) for t in tarpits))
+        node = s.nodes[0]
+        await liar.connect(node.peer_id, node.host.listen_addrs())
+        yield s, node
+
+
+async def test_a_lookup_ends_at_its_deadline(autojump_clock):
+    config = Config(request_timeout=5.0, lookup_timeout=8.0)
+    async with tarpit_swarm(config) as (s, node):
+        start = trio.current_time()
+        found = await node.closest_peers(b"anything")
+        assert trio.current_time() - start <= config.lookup_timeout + 0.1
+        assert node.stats.lookup_timeouts == 1
+        assert set(peers_of(found)) >= {n.peer_id for n in s.nodes[1:]}  # what it had so far
+
+
+async def test_candidates_that_failed_are_backed_off(autojump_clock):
+    config = Config(request_timeout=5.0, lookup_timeout=60.0)
+    async with tarpit_swarm(config) as (s, node):
+        start = trio.current_time()
+        await node.closest_peers(b"first")  # pays for each tarpit once: 7 rounds of 3
+        assert 30 <= trio.current_time() - start <= 40
+        start = trio.current_time()
+        await node.closest_peers(b"second")  # the liar names them again: all left out
+        assert trio.current_time() - start < 1.0
+        assert node.stats.lookup_timeouts == 0
+
+
+# ---- provider keys ------------------------------------------------------------------------
+
+
+async def test_provider_keys_only_under_the_configured_prefixes(autojump_clock):
+    async with swarm(5) as s:
+        announcer, holder = s.nodes[1], s.nodes[2]
+        with pytest.raises(RecordRejected):
+            await announcer.provide(b"/other/x")
+        me = (KadPeer.from_peer(announcer.peer_id, announcer.host.listen_addrs()),)
+        stream = await announcer.host.new_stream(holder.peer_id, [PROTOCOL_ID])
+        async with FramedStream(stream) as framed:
+            for k in (b"/other/x", b"/modelnet/cap/x", b"/modelnet/capx"):
+                await framed.send(encode_message(KadMessage(MessageType.ADD_PROVIDER, key=k, provider_peers=me)))
+            await framed.send(encode_message(KadMessage(MessageType.PING)))
+            assert decode_message(await framed.receive()).type == MessageType.PING
+        held = {k for k in (b"/other/x", b"/modelnet/cap/x", b"/modelnet/capx") if holder.providers.providers(k, wall_clock())}
+        assert held == {b"/modelnet/cap/x"}
+        other = await s.add(130, Config(provider_prefixes=(b"/other/",)))
+        await s.join(other)
+        assert await other.provide(b"/other/y") >= 1  # told, though the others keep nothing
+        assert all(not n.providers.providers(b"/other/y", wall_clock()) for n in s.nodes)

@@ -164,3 +164,16 @@ def test_always_terminates_and_never_asks_twice(data, k, alpha, seeds, dead, tar
     assert len(result) <= k
     assert not set(result) & dead_peers
     assert result == sorted(result, key=lambda p: distance(p.bytes, target))
+
+
+def test_one_answer_adds_at_most_max_new_candidates_of_the_closest_it_names():
+    target = b"some key"
+    responder, named = PEERS[0], PEERS[1:101]
+    lookup = Lookup(target, [contact(responder)], k=20, alpha=3, max_new=5)
+    assert [c.peer_id for c in lookup.next(0.0)] == [responder]
+    # repeats of one peer count once; farther peers than the k closest named never enter
+    lookup.on_success(responder, [contact(p) for p in named + named[:10]], 0.0)
+    known = [p for p in named if lookup.depth(p) is not None]
+    assert sorted(known, key=lambda p: distance(p.bytes, target)) == true_closest(target, 5, named)
+    with pytest.raises(ValueError):
+        Lookup(target, [], max_new=0)

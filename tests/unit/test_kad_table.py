@@ -190,3 +190,28 @@ def test_empty_table_needs_no_refresh():
 
 def bucket_of_key(key: bytes) -> int:
     return common_prefix_length(kad_key(LOCAL.bytes), kad_key(key))
+
+
+def test_a_self_lookup_marks_the_buckets_it_covers_refreshed():
+    from modelnet.p2p.kad.table import sort_by_distance
+
+    local = PrivateKey.from_seed(b"\x07" * 32).peer_id
+    peers = [PrivateKey.from_seed(i.to_bytes(32, "big")).peer_id for i in range(3000, 3200)]
+    table = RoutingTable(local, k=4)
+    for peer in peers:
+        table.add(peer, (), 0.0)
+    stale_before = len(table.buckets_to_refresh(1000.0, 600.0, random.Random(1)))
+    # fewer than k answers: the lookup saw everyone, no bucket needs a random lookup
+    few = [Contact(p, (), 0.0) for p in peers[:3]]
+    table.mark_neighbourhood_refreshed(few, 1000.0)
+    assert table.buckets_to_refresh(1000.0, 600.0, random.Random(1)) == []
+    # k answers: only the buckets at or above the farthest one's are left
+    table = RoutingTable(local, k=4)
+    for peer in peers:
+        table.add(peer, (), 0.0)
+    closest = sort_by_distance(local.bytes, [Contact(p, (), 0.0) for p in peers], 4)
+    farthest = common_prefix_length(kad_key(local.bytes), closest[-1].key)
+    table.mark_neighbourhood_refreshed(closest, 1000.0)
+    targets = table.buckets_to_refresh(1000.0, 600.0, random.Random(1))
+    cpls = [common_prefix_length(kad_key(local.bytes), kad_key(t)) for t in targets]
+    assert cpls == list(range(farthest + 1)) and len(targets) < stale_before
