@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from modelnet import __version__
-from modelnet.errors import ModelNetError
+from modelnet.errors import ModelNetError, sole_error
 
 from . import render
 
@@ -228,8 +228,11 @@ async def _find(node, args: argparse.Namespace, progress: render.Progress) -> in
     import trio
 
     progress.step(f"looking up {args.capability}")
-    with trio.fail_after(args.timeout):
-        providers = await node.find(args.capability)
+    try:
+        with trio.fail_after(args.timeout):
+            providers = await node.find(args.capability)
+    except trio.TooSlowError:
+        raise CliError(f"looking up {args.capability!r} took longer than {args.timeout:g} s") from None
     progress.done(f"{len(providers)} verified provider(s)")
     if args.json:
         print(json.dumps({"capability": args.capability, "providers": [render.provider_json(p) for p in providers]}, indent=2))
@@ -350,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return args.func(args)
         except BaseExceptionGroup as group:
             # trio nurseries wrap what their tasks raise; report the error itself.
-            raise _sole_error(group) from None
+            raise sole_error(group) from None
     except CliError as exc:
         print(f"modelnet: error: {exc}", file=sys.stderr)
         return exc.code
@@ -360,23 +363,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("modelnet: interrupted", file=sys.stderr)
         return 130
-
-
-def _sole_error(group: BaseExceptionGroup) -> BaseException:
-    leaves = []
-
-    def walk(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for inner in exc.exceptions:
-                walk(inner)
-        else:
-            leaves.append(exc)
-
-    walk(group)
-    for leaf in leaves:
-        if isinstance(leaf, (ModelNetError, KeyboardInterrupt)):
-            return leaf
-    return group
 
 
 def _is_input_error(exc: ModelNetError) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, AsyncIterator, Mapping
 
 import pytest
@@ -10,13 +11,15 @@ import trio
 from modelnet.identity import WrongKey
 from modelnet.identity.records import SignedRecord
 from modelnet.protocols import kad
-from modelnet.protocols.framing import encode_frame
+from modelnet.identity import canonical
+from modelnet.protocols.framing import FrameDecoder, encode_frame
 from modelnet.models.base import Backend, Chunk, ModelError, ModelInfo, Output
 from modelnet.models.embedded import EchoBackend, EmbeddedBackend
 from modelnet.p2p.node import Config, NoProvider, RequestFailed
 from modelnet.p2p.memory import MemoryNetwork
 from modelnet.protocols import capability as cap
-from modelnet.protocols import reason
+from modelnet.protocols import reason, session
+from modelnet.p2p.errors import StreamClosed
 from modelnet.testing import open_memory_swarm, open_node, seeded_key, virtual_wall_clock
 
 EMBEDDED_SETS = [
@@ -222,8 +225,7 @@ async def test_forged_capability_record_is_rejected_by_the_dht(autojump_clock):
                 continue
             stream = await attacker.host.new_stream(node.peer_id, [kad.PROTOCOL_ID])
             await stream.write(encode_frame(put))
-            with trio.fail_after(10):
-                await stream.read()  # the node answers or resets; either way it is done
+            assert await read_all(stream) == b""  # the node refuses it: no answer, the stream ends
             await stream.reset()
             stored = node.dht.records.get(key, virtual_wall_clock())
             assert stored is None or SignedRecord.decode(stored.value).signer == victim.peer_id
@@ -234,18 +236,51 @@ async def test_forged_capability_record_is_rejected_by_the_dht(autojump_clock):
         assert (await swarm.nodes[3].ask("echo", "ok")).output == "1:ok"
 
 
-async def test_garbage_on_every_protocol_does_not_take_a_node_down(autojump_clock):
+async def read_all(stream) -> bytes:
+    data = b""
+    with trio.fail_after(10):
+        try:
+            while chunk := await stream.read():
+                data += chunk
+        except StreamClosed:  # a reset ends it too
+            pass
+    return data
+
+
+def only_message(data: bytes) -> dict:
+    """The one framed msgpack message in ``data`` (what a provider answers to garbage)."""
+    decoder = FrameDecoder()
+    decoder.receive_data(data)
+    message = canonical.decode(decoder.next_frame())
+    assert decoder.next_frame() is None and decoder.pending_bytes == 0
+    return message
+
+
+JUNK = (b"\xff" * 40, b"\x05hello", b"\x00", b"\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x01", b"\x7f" + b"z" * 127)
+
+
+async def test_garbage_on_every_protocol_is_refused_and_the_node_keeps_serving(autojump_clock, caplog):
     echo = TaggedEcho("e")
     async with open_memory_swarm(4, backends_for=lambda i: [echo] if i == 1 else []) as swarm:
         provider, attacker = swarm.nodes[1], swarm.nodes[2]
-        for protocol in ("/modelnet/session/1.0.0", "/modelnet/reason/1.0.0", "/modelnet/kad/1.0.0"):
-            for junk in (b"\xff" * 40, b"\x05hello", b"\x00", b"\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x01"):
-                stream = await attacker.host.new_stream(provider.peer_id, [protocol])
-                await stream.write(junk)
-                with trio.fail_after(10):
-                    await stream.read()
-                await stream.reset()
+        for junk in JUNK:
+            # session: a typed refusal, not a crash
+            stream = await attacker.host.new_stream(provider.peer_id, [session.SESSION_PROTOCOL])
+            await stream.write(junk)
+            refusal = only_message(await read_all(stream))
+            assert refusal["kind"] == "refusal" and refusal["code"] == session.BAD_OFFER
+            # reason: a typed error saying the request was malformed
+            stream = await attacker.host.new_stream(provider.peer_id, [reason.REASON_PROTOCOL])
+            await stream.write(junk)
+            error = only_message(await read_all(stream))
+            assert error["kind"] == "error" and error["code"] == reason.INVALID_INPUT
+            # kad: no answer to garbage
+            stream = await attacker.host.new_stream(provider.peer_id, [kad.PROTOCOL_ID])
+            await stream.write(junk)
+            assert await read_all(stream) == b""
+        assert echo.started == 0
         assert (await swarm.nodes[3].ask("echo", "still here")).output == "e:still here"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 async def test_republished_records_outlive_their_ttl(autojump_clock):
@@ -271,3 +306,31 @@ async def test_invalid_input_is_reported_once_not_failed_over(autojump_clock):
         assert swarm.nodes[4].stats[peer].failures == 0
         answer = await swarm.nodes[4].ask("keywords", "some text about peers", {"top": 2})
         assert len(answer.output["keywords"]) == 2
+
+
+async def test_an_asker_that_half_closes_after_its_request_still_gets_the_answer(autojump_clock):
+    echo = TaggedEcho("e", delay=1.0)
+    async with open_memory_swarm(4, backends_for=lambda i: [echo] if i == 1 else []) as swarm:
+        provider, asker = swarm.nodes[1], swarm.nodes[2]
+        grant = await asker._grant_for(provider.peer_id, "echo")
+        request = reason.Request(
+            request_id=bytes(16),
+            capability="echo",
+            input="hi",
+            params={},
+            deadline=virtual_wall_clock() + 30,
+            hop_limit=4,
+            visited=(asker.peer_id,),
+            grant=grant.encode(),
+        )
+        client = reason.ReasonClient(provider=provider.peer_id)
+        stream = await asker.host.new_stream(provider.peer_id, [reason.REASON_PROTOCOL])
+        await stream.write(client.send_request(request))
+        await stream.close()  # what many libp2p request/response clients do
+        client.receive_data(await read_all(stream))
+        events = []
+        while (event := client.next_event()) is not None:
+            events.append(event)
+        assert [type(e) for e in events] == [reason.Chunk, reason.Result]
+        assert events[-1].output == "e:hi"
+        assert not echo.cancelled.is_set()

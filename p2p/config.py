@@ -1,0 +1,26 @@
+"""A node's knobs, in one frozen dataclass. Times are seconds."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .kad.dht import Config as DHTConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    record_ttl: float = 3600.0  # signed capability records expire after this
+    republish_interval: float = 1200.0  # republish well before expiry (a third of the TTL)
+    session_ttl: float = 600.0  # lifetime of a session grant we issue
+    request_timeout: float = 30.0  # default deadline of a request we send
+    network_timeout: float = 5.0  # bound of one network exchange (dial, session, record fetch)
+    max_providers: int = 20  # providers considered per lookup
+    provider_cache_ttl: float = 30.0  # reuse a capability's provider list this long (DHT lookups are not free)
+    max_answer_bytes: int = 8 << 20  # chunks + result we accept from a provider for one request
+    # What we serve, and to whom. A peer's limits are signed into its grant.
+    max_concurrent_requests: int = 32  # requests served at once; more are refused OVERLOADED
+    max_requests_per_peer: int = 8  # of those, at most this many for one asker
+    requests_per_minute_per_peer: int = 600
+    max_request_seconds: float = 300.0  # work for one request stops after this, whatever its deadline
+    client_mode: bool = False  # a light client: no DHT serving, nothing published
+    dht: DHTConfig = DHTConfig()

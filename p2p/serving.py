@@ -1,0 +1,238 @@
+"""The provider side of a node: session grants and reasoning requests, with limits.
+
+Every inbound stream is one exchange. A peer gets a grant (signed, bound to its peer id,
+with the limits it will be held to) or a typed refusal; a request is checked (deadline, hop
+limit, loop, grant, per-peer and total load, input size) before any model runs; the work
+stops at the deadline (capped by ``max_request_seconds``) or when the asker resets the
+stream, and the answer ends with a signed receipt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from collections import Counter
+from typing import Any, Callable, Sequence
+
+import trio
+
+from modelnet.identity import IdentityError, PeerID, PrivateKey
+from modelnet.models.base import Backend, InvalidInput, ModelError, ModelInfo, UnknownModel
+from modelnet.models.base import Chunk as ModelChunk
+from modelnet.models.base import Output as ModelOutput
+from modelnet.protocols import capability as cap
+from modelnet.protocols import reason, session
+from modelnet.protocols.errors import ProtocolError
+
+from .config import Config
+from .errors import P2PError, StreamClosed
+from .exchange import clip, closing, next_event, send_quietly
+from .host import Stream
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServedModel:
+    capability: cap.ModelCapability  # what the record says about it
+    info: ModelInfo
+    backend: Backend
+
+
+def model_capability(info: ModelInfo) -> cap.ModelCapability:
+    return cap.ModelCapability(
+        name=info.name,
+        task=info.task,
+        tags=tuple(info.tags),
+        description=info.description,
+        max_input_bytes=info.max_input_bytes,
+        streaming=info.streaming,
+    )
+
+
+class ModelServer:
+    """Answers ``/modelnet/session/1.0.0`` and ``/modelnet/reason/1.0.0`` streams."""
+
+    def __init__(self, key: PrivateKey, backends: Sequence[Backend], config: Config, wall_clock: Callable[[], float]) -> None:
+        self.key = key
+        self.config = config
+        self.wall_clock = wall_clock
+        self.models: dict[str, ServedModel] = {}
+        for backend in backends:
+            for info in backend.models():
+                self.models[info.name] = ServedModel(model_capability(info), info, backend)
+        self.in_flight = 0
+        self._in_flight_by_peer: Counter[PeerID] = Counter()
+        self._minute: tuple[int, Counter[PeerID]] = (-1, Counter())
+
+    def matching(self, capability: str, model: str | None = None) -> list[ServedModel]:
+        return [
+            served
+            for served in self.models.values()
+            if served.capability.matches(capability) and model in (None, served.info.name)
+        ]
+
+    # -- sessions -----------------------------------------------------------------------
+
+    async def handle_session(self, stream: Stream) -> None:
+        remote = stream.remote_peer
+        provider = session.ProviderSession(self.key, remote=remote, now=self.wall_clock())
+        async with closing(stream):
+            try:
+                with trio.fail_after(self.config.network_timeout):
+                    offer = await next_event(stream, provider)
+                tag = cap.normalize_tag(offer.capability)
+            except (trio.TooSlowError, ProtocolError, IdentityError, P2PError) as exc:
+                why = clip(exc or type(exc).__name__)
+                logger.info("bad session offer from %s: %s", remote.short(), why)
+                with trio.move_on_after(self.config.network_timeout):
+                    await send_quietly(stream, provider.send_refusal(session.BAD_OFFER, why))
+                return
+            models = self.matching(tag)
+            if not models:
+                await send_quietly(stream, provider.send_refusal(session.NO_SUCH_CAPABILITY, f"this node does not serve {tag!r}"))
+                return
+            limits = session.Limits(
+                max_concurrent=self.config.max_requests_per_peer,
+                max_input_bytes=max(m.info.max_input_bytes for m in models),
+                requests_per_minute=self.config.requests_per_minute_per_peer,
+            )
+            data, _ = provider.send_grant(
+                capability=tag,
+                limits=limits,
+                expires=self.wall_clock() + self.config.session_ttl,
+                queue=self.in_flight,
+                capacity=self.config.max_concurrent_requests,
+            )
+            await send_quietly(stream, data)
+
+    # -- requests -----------------------------------------------------------------------
+
+    async def handle_reason(self, stream: Stream) -> None:
+        server = reason.ReasonServer()
+        remote = stream.remote_peer
+        async with closing(stream):
+            try:
+                with trio.fail_after(self.config.network_timeout):
+                    request = await next_event(stream, server)
+            except (trio.TooSlowError, ProtocolError, P2PError) as exc:
+                why = clip(exc or type(exc).__name__)
+                logger.info("bad request from %s: %s", remote.short(), why)
+                with trio.move_on_after(self.config.network_timeout):
+                    await send_quietly(stream, server.send(reason.Error(reason.INVALID_INPUT, f"malformed request: {why}", False)))
+                return
+            error = self._check(request, remote)
+            if error is not None:
+                await send_quietly(stream, server.send(error))
+                return
+            self.in_flight += 1
+            self._in_flight_by_peer[remote] += 1
+            try:
+                await self._serve(stream, server, request, remote)
+            finally:
+                self.in_flight -= 1
+                self._in_flight_by_peer[remote] -= 1
+                if not self._in_flight_by_peer[remote]:
+                    del self._in_flight_by_peer[remote]
+
+    def _check(self, request: reason.Request, remote: PeerID) -> reason.Error | None:
+        now = self.wall_clock()
+        if request.deadline <= now:
+            return reason.Error(reason.DEADLINE_EXCEEDED, "the request's deadline has passed", False)
+        if self.key.peer_id in request.visited:
+            return reason.Error(reason.LOOP, "this node already handled the request", False)
+        if request.hop_limit <= 0:
+            return reason.Error(reason.HOP_LIMIT, "hop limit reached", False)
+        if request.grant is None:
+            return reason.Error(reason.UNAUTHORIZED, "no session grant: negotiate a session first", True)
+        try:
+            capability = cap.normalize_tag(request.capability)
+            session.open_grant(request.grant, now=now, client=remote, provider=self.key.peer_id, capability=capability)
+        except (IdentityError, ProtocolError) as exc:
+            return reason.Error(reason.UNAUTHORIZED, f"grant rejected: {clip(exc)}", True)
+        if self.in_flight >= self.config.max_concurrent_requests:
+            return reason.Error(reason.OVERLOADED, f"{self.in_flight} requests in progress", True)
+        if self._in_flight_by_peer[remote] >= self.config.max_requests_per_peer:
+            return reason.Error(reason.OVERLOADED, f"at most {self.config.max_requests_per_peer} requests at once per peer", True)
+        if not self._count_this_minute(remote, now):
+            return reason.Error(reason.OVERLOADED, f"at most {self.config.requests_per_minute_per_peer} requests a minute per peer", True)
+        models = self.matching(capability, request.model)
+        if not models:
+            return reason.Error(reason.NO_SUCH_CAPABILITY, f"no model here serves {capability!r}", True)
+        limit = models[0].info.max_input_bytes
+        if len(request.input.encode()) > limit:
+            return reason.Error(reason.INVALID_INPUT, f"input exceeds {limit} bytes", False)
+        return None
+
+    def _count_this_minute(self, peer: PeerID, now: float) -> bool:
+        minute, counts = self._minute
+        if int(now // 60) != minute:  # a fixed window: cheap, and bounded by the peers of one minute
+            self._minute = minute, counts = int(now // 60), Counter()
+        if counts[peer] >= self.config.requests_per_minute_per_peer:
+            return False
+        counts[peer] += 1
+        return True
+
+    async def _serve(self, stream: Stream, server: reason.ReasonServer, request: reason.Request, remote: PeerID) -> None:
+        served = self.matching(request.capability, request.model)[0]
+        started = trio.current_time()
+        budget = min(request.deadline - self.wall_clock(), self.config.max_request_seconds)
+        output: Any = None
+        seq = 0
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_watch_asker, stream, nursery.cancel_scope)
+            try:
+                with trio.fail_after(budget):
+                    async with contextlib.aclosing(served.backend.run(served.info.name, request.input, request.params)) as items:
+                        async for item in items:
+                            if isinstance(item, ModelChunk):
+                                await stream.write(server.send(reason.Chunk(seq, item.text)))
+                                seq += 1
+                            elif isinstance(item, ModelOutput):
+                                output = item.value
+            except trio.TooSlowError:
+                await send_quietly(stream, server.send(reason.Error(reason.DEADLINE_EXCEEDED, "deadline passed while working", False)))
+            except ModelError as exc:
+                await send_quietly(stream, server.send(reason.Error(_error_code(exc), clip(exc, 1000), False)))
+            except StreamClosed:
+                logger.info("asker %s went away mid-answer", remote.short())
+            else:
+                output_bytes = reason.encode_output(output)
+                receipt = reason.make_receipt(
+                    self.key, request=request, client=remote, model=served.info.name, output_bytes=output_bytes, now=self.wall_clock()
+                )
+                usage = reason.Usage(
+                    input_bytes=len(request.input.encode()),
+                    output_bytes=len(output_bytes),
+                    compute_ms=(trio.current_time() - started) * 1000,
+                )
+                await send_quietly(stream, server.send(reason.Result(output=output, model=served.info.name, usage=usage, receipt=receipt)))
+            nursery.cancel_scope.cancel()
+
+
+async def _watch_asker(stream: Stream, scope: trio.CancelScope) -> None:
+    """Cancel the work if the asker resets the stream or breaks the protocol.
+
+    A clean end of stream is not a cancellation: many libp2p clients close their side
+    right after the request and wait for the answer.
+    """
+    try:
+        data = await stream.read(1)
+    except StreamClosed:
+        logger.info("asker %s reset the stream: cancelling its request", stream.remote_peer.short())
+        scope.cancel()
+        return
+    if data:  # nothing may follow the request; stop, and hold none of it in memory
+        logger.info("asker %s sent bytes after its request: cancelling it", stream.remote_peer.short())
+        scope.cancel()
+        with trio.CancelScope(shield=True):  # our own scope is cancelled now
+            await stream.reset()
+
+
+def _error_code(exc: ModelError) -> str:
+    if isinstance(exc, InvalidInput):
+        return reason.INVALID_INPUT
+    if isinstance(exc, UnknownModel):
+        return reason.NO_SUCH_CAPABILITY
+    return reason.INTERNAL
