@@ -16,6 +16,7 @@ from typing import AsyncIterator, Callable, Sequence
 
 import trio
 
+from modelnet.errors import unwrapping_groups
 from modelnet.identity import PrivateKey
 from modelnet.models.base import Backend
 from modelnet.p2p.host import Host
@@ -61,16 +62,17 @@ async def open_node(
     publish: bool = True,
 ) -> AsyncIterator[Node]:
     """One running node: host up, serving, joined through ``bootstrap``, published."""
-    async with host_factory(key) as host:
-        kwargs = {"wall_clock": wall_clock} if wall_clock is not None else {}
-        node = Node(host, key, backends, config, **kwargs)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(node.serve, bootstrap)
-            if publish and node.backends and not config.client_mode:
-                await node.wait_published()
-                await node.wait_warm()
-            yield node
-            nursery.cancel_scope.cancel()
+    with unwrapping_groups():
+        async with host_factory(key) as host:
+            kwargs = {"wall_clock": wall_clock} if wall_clock is not None else {}
+            node = Node(host, key, backends, config, **kwargs)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(node.serve, bootstrap)
+                if publish and node.server.models and not config.client_mode:
+                    await node.wait_published()
+                    await node.wait_warm()
+                yield node
+                nursery.cancel_scope.cancel()
 
 
 @contextlib.asynccontextmanager
@@ -102,19 +104,20 @@ async def open_swarm(
 
     limiter = trio.CapacityLimiter(concurrency)
 
-    async with trio.open_nursery() as nursery:
-        await nursery.start(run_node, 0, ())
-        first_addrs = nodes[0].addrs
+    with unwrapping_groups():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run_node, 0, ())
+            first_addrs = nodes[0].addrs
 
-        async def join(i: int) -> None:
-            async with limiter:
-                await nursery.start(run_node, i, first_addrs)
+            async def join(i: int) -> None:
+                async with limiter:
+                    await nursery.start(run_node, i, first_addrs)
 
-        async with trio.open_nursery() as joiners:
-            for i in range(1, n):
-                joiners.start_soon(join, i)
-        yield Swarm([node for node in nodes if node is not None])
-        nursery.cancel_scope.cancel()
+            async with trio.open_nursery() as joiners:
+                for i in range(1, n):
+                    joiners.start_soon(join, i)
+            yield Swarm([node for node in nodes if node is not None])
+            nursery.cancel_scope.cancel()
 
 
 @contextlib.asynccontextmanager
@@ -136,3 +139,86 @@ async def open_memory_swarm(
     ) as swarm:
         swarm.network = network
         yield swarm
+
+
+def oracle_join(nodes: Sequence[Node], *, now: float | None = None, seed: int = 0) -> None:
+    """Fill every node's routing table as if bootstrap and refresh had converged.
+
+    Simulations only (benchmarks of 1,000+ nodes, where real joins cost minutes of CPU):
+    each node gets, in each of its k-buckets, up to k of the nodes that belong there (a
+    seeded choice among all of them), through the table's public ``add``. Nothing is sent;
+    light clients are left out of every table. Call it from inside trio (``now`` defaults
+    to the current trio time).
+    """
+    import bisect
+    import random
+
+    from modelnet.p2p.kad.table import KEY_BITS, kad_key
+
+    now = trio.current_time() if now is None else now
+    rng = random.Random(seed)
+    servers = sorted(
+        (kad_key(node.peer_id.bytes), node.peer_id, tuple(node.host.listen_addrs()))
+        for node in nodes
+        if not node.config.client_mode
+    )
+    keys = [entry[0] for entry in servers]
+    for node in nodes:
+        table = node.dht.routing_table
+        own = kad_key(node.peer_id.bytes)
+        for shared in range(KEY_BITS):
+            # Bucket ``shared`` holds the keys equal to ours in the first ``shared`` bits and
+            # different in the next one: one contiguous range of the sorted keyspace.
+            width = KEY_BITS - shared - 1
+            start = ((own >> width) ^ 1) << width
+            low, high = bisect.bisect_left(keys, start), bisect.bisect_left(keys, start + (1 << width))
+            for index in rng.sample(range(low, high), min(table.k, high - low)):
+                _, peer, addrs = servers[index]
+                table.add(peer, addrs, now)
+            # Nobody else shares the first ``shared + 1`` bits with us: deeper buckets are empty.
+            near = own >> width << width
+            if bisect.bisect_left(keys, near + (1 << width)) - bisect.bisect_left(keys, near) <= 1:
+                break
+
+
+@contextlib.asynccontextmanager
+async def open_oracle_swarm(
+    n: int,
+    host_factory: HostFactory,
+    *,
+    backends_for: Callable[[int], Sequence[Backend]] = lambda i: (),
+    config: Config = Config(),
+    seed: int = 0,
+    wall_clock: Callable[[], float] | None = None,
+    key_for: Callable[[int], PrivateKey] | None = None,
+) -> AsyncIterator[Swarm]:
+    """``n`` nodes joined by :func:`oracle_join` instead of bootstrap lookups (simulations only).
+
+    Every host is up and every table filled before any node serves; then all nodes start
+    serving at once and those with backends publish through the DHT as after a real join.
+    Yields once every record is published.
+    """
+    nodes: list[Node | None] = [None] * n
+    key_for = key_for or (lambda i: seeded_key(i, seed))
+    go = trio.Event()
+
+    async def run_node(i: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        key = key_for(i)
+        async with host_factory(key) as host:
+            kwargs = {"wall_clock": wall_clock} if wall_clock is not None else {}
+            node = nodes[i] = Node(host, key, backends_for(i), config, **kwargs)
+            task_status.started()
+            await go.wait()
+            await node.serve()
+
+    async with trio.open_nursery() as nursery:
+        for i in range(n):
+            await nursery.start(run_node, i)
+        ready = [node for node in nodes if node is not None]
+        oracle_join(ready, seed=seed)
+        go.set()
+        for node in ready:
+            if node.backends and not config.client_mode:
+                await node.wait_published()
+        yield Swarm(ready)
+        nursery.cancel_scope.cancel()
