@@ -334,6 +334,7 @@ class Node:
         # One deadline on trio's clock for our own waiting; the provider is sent the same
         # deadline on the wall clock, the only clock two machines share.
         deadline = started + budget
+        ask = _Ask(tag, text, dict(params or {}), model, deadline, on_chunk)
         failures: list[tuple[PeerID, str]] = []
         tried: set[PeerID] = set()
         with trio.move_on_at(deadline):
@@ -349,7 +350,7 @@ class Node:
                 for provider in rank_providers(providers, self.stats, key=lambda p: p.peer_id, now=trio.current_time()):
                     tried.add(provider.peer_id)
                     try:
-                        answer = await self._ask_provider(provider, tag, text, params or {}, model, deadline, on_chunk)
+                        answer = await self._ask_provider(provider, ask)
                     except _ProviderFailed as exc:
                         failures.append((provider.peer_id, str(exc)))
                         if exc.after_first_chunk:
@@ -441,49 +442,31 @@ class Node:
         self._grants[(peer, capability)] = event
         return event
 
-    async def _ask_provider(
-        self,
-        provider: Provider,
-        capability: str,
-        text: str,
-        params: Mapping[str, Any],
-        model: str | None,
-        deadline: float,
-        on_chunk: Callable[[PeerID, str], None] | None,
-    ) -> Answer:
+    async def _ask_provider(self, provider: Provider, ask: _Ask) -> Answer:
         peer = provider.peer_id
-        cached = (peer, capability) in self._grants
-        grant = await self._grant_for(peer, capability)
+        cached = (peer, ask.capability) in self._grants
+        grant = await self._grant_for(peer, ask.capability)
         try:
-            return await self._request(peer, grant, capability, text, params, model, deadline, on_chunk)
+            return await self._request(peer, grant, ask)
         except _GrantRejected:
             if not cached:
                 raise
             # A grant we had cached was refused (it expired early, the provider restarted):
             # one new session, then the request once more.
-            return await self._request(peer, await self._grant_for(peer, capability), capability, text, params, model, deadline, on_chunk)
+            return await self._request(peer, await self._grant_for(peer, ask.capability), ask)
 
-    async def _request(
-        self,
-        peer: PeerID,
-        grant: session.Grant,
-        capability: str,
-        text: str,
-        params: Mapping[str, Any],
-        model: str | None,
-        deadline: float,
-        on_chunk: Callable[[PeerID, str], None] | None,
-    ) -> Answer:
+    async def _request(self, peer: PeerID, grant: session.Grant, ask: _Ask) -> Answer:
+        capability, deadline, on_chunk = ask.capability, ask.deadline, ask.on_chunk
         request = reason.Request(
             request_id=os.urandom(16),
             capability=capability,
-            input=text,
-            params=dict(params),
+            input=ask.text,
+            params=dict(ask.params),
             deadline=self.wall_clock() + (deadline - trio.current_time()),
             hop_limit=DEFAULT_HOP_LIMIT,
             visited=(self.peer_id,),
             grant=grant.encode(),
-            model=model,
+            model=ask.model,
         )
         client = reason.ReasonClient(provider=peer)  # checks the receipt against request and output
         chunks: list[str] = []
@@ -535,6 +518,18 @@ class Node:
             elapsed=0.0,
             attempts=(),
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ask:
+    """One request as the router carries it from provider to provider."""
+
+    capability: str  # normalised tag
+    text: str
+    params: Mapping[str, Any]
+    model: str | None
+    deadline: float  # on trio's clock
+    on_chunk: Callable[[PeerID, str], None] | None
 
 
 class _ProviderFailed(Exception):

@@ -76,6 +76,8 @@ STATS_HISTORY = 1000
 """Lookups whose hop counts are kept in :attr:`Stats.hops`."""
 
 
+BOOTSTRAP_RETRY_DELAYS = (1.0, 2.0)  # seconds between tries of one bootstrap peer
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     k: int = K
@@ -395,14 +397,23 @@ class KademliaDHT:
 
         async def reach(peer: PeerID, addrs: Sequence[str]) -> None:
             nonlocal reached
-            if addrs:
-                self.host.add_addrs(peer, addrs)
-            try:
-                await self._request(peer, KadMessage(MessageType.FIND_NODE, key=self.peer_id.bytes))
-            except RequestFailed as exc:
-                failures.append(f"{peer}: {exc.__cause__ or exc}")
-            else:
-                reached += 1
+            # A bootstrap peer is often the busiest node of a young network: give it a
+            # couple more chances before calling the join failed.
+            for delay in (*BOOTSTRAP_RETRY_DELAYS, None):
+                if addrs:
+                    self.host.add_addrs(peer, addrs)
+                try:
+                    await self._request(peer, KadMessage(MessageType.FIND_NODE, key=self.peer_id.bytes))
+                except RequestFailed as exc:
+                    cause = exc.__cause__ or exc
+                    if delay is None:
+                        failures.append(f"{peer}: {cause or type(cause).__name__}")
+                        return
+                    logger.info("bootstrap peer %s did not answer (%r); again in %g s", peer, cause, delay)
+                    await trio.sleep(delay)
+                else:
+                    reached += 1
+                    return
 
         async with trio.open_nursery() as nursery:
             for peer, addrs in peers:

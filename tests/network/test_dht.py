@@ -563,3 +563,28 @@ async def test_provider_keys_only_under_the_configured_prefixes(autojump_clock):
         await s.join(other)
         assert await other.provide(b"/other/y") >= 1  # told, though the others keep nothing
         assert all(not n.providers.providers(b"/other/y", wall_clock()) for n in s.nodes)
+
+
+async def test_bootstrap_tries_an_unreachable_peer_again_before_giving_up(autojump_clock):
+    net = MemoryNetwork()
+    async with net.open_host(PrivateKey.from_seed(b"\x01" * 32)) as first, net.open_host(
+        PrivateKey.from_seed(b"\x02" * 32)
+    ) as joiner:
+        seed_dht = KademliaDHT(first, wall_clock=wall_clock)
+        joining = KademliaDHT(joiner, wall_clock=wall_clock)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(seed_dht.serve)
+            await nursery.start(joining.serve)
+            net.partition([first.peer_id], [joiner.peer_id])
+
+            async def heal_soon():  # the path comes back while the joiner waits to try again
+                await trio.sleep(0.5)
+                net.heal()
+
+            nursery.start_soon(heal_soon)
+            assert await joining.bootstrap([(first.peer_id, first.listen_addrs())]) == 1
+            # A peer that never comes back still fails the join, after the last try.
+            net.partition([first.peer_id], [joiner.peer_id])
+            with pytest.raises(BootstrapFailed):
+                await KademliaDHT(joiner, wall_clock=wall_clock).bootstrap([(first.peer_id, first.listen_addrs())])
+            nursery.cancel_scope.cancel()
