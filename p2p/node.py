@@ -502,7 +502,9 @@ class Node:
             if event.code == reason.UNAUTHORIZED:
                 self._grants.pop((peer, capability), None)
                 raise _GrantRejected(f"{event.code}: {event.message}", code=event.code)
-            if event.code != reason.INVALID_INPUT:  # refusing bad input is the provider doing its job
+            if event.code == reason.OVERLOADED:
+                stats.record_overload()  # busy is not broken: no ban
+            elif event.code != reason.INVALID_INPUT:  # refusing bad input is the provider doing its job
                 stats.record_failure(trio.current_time())
             raise _ProviderFailed(f"{event.code}: {event.message}", after_first_chunk=bool(chunks), code=event.code)
         stats.record_latency(first_event_at - started)

@@ -8,6 +8,7 @@ its grant; a failing provider is banned with exponential backoff, never forever.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, Iterable, TypeVar
 
 LATENCY_EWMA_WEIGHT = 0.3  # weight of the newest sample: reacts in a few requests, smooths noise
@@ -34,6 +35,10 @@ class ProviderStats:
         if load is not None:
             self.load = load
 
+    def record_overload(self) -> None:
+        """The provider said it is full: rank it last for now, but it did not fail."""
+        self.load = 1.0
+
     def record_success(self) -> None:
         self.successes += 1
         self.consecutive_failures = 0
@@ -42,7 +47,9 @@ class ProviderStats:
     def record_failure(self, now: float) -> None:
         self.failures += 1
         self.consecutive_failures += 1
-        backoff = min(BAN_MAX, BAN_BASE * 2 ** (self.consecutive_failures - 1))
+        # The exponent is capped before it is used: 2 ** 1000 is no ban length.
+        doublings = min(self.consecutive_failures - 1, math.ceil(math.log2(BAN_MAX / BAN_BASE)))
+        backoff = min(BAN_MAX, BAN_BASE * 2**doublings)
         self.banned_until = now + backoff
 
     def banned(self, now: float) -> bool:
