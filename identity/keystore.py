@@ -130,24 +130,36 @@ def save_key(
         raise KeystoreError(f"cannot write key file {path}: {exc.strerror or exc}") from None
 
 
+MAX_KEY_FILE_BYTES = 64 << 10  # a key file is a few hundred bytes
+
+
 def _read(path: Path) -> dict[str, Any]:
+    # Open first, then check the very file we opened (fstat), so the file cannot be
+    # swapped between the permission check and the read; never follow a symlink.
     try:
-        info = os.stat(path)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     except FileNotFoundError:
         raise KeystoreError(f"no key file at {path}") from None
     except OSError as exc:
         raise KeystoreError(f"cannot read key file {path}: {exc.strerror or exc}") from None
+    info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
         raise KeystoreError(f"key file {path} is not a regular file")
-    if info.st_mode & 0o077:
-        raise KeystoreError(
-            f"key file {path} is readable by group or others (mode {stat.S_IMODE(info.st_mode):o}); "
-            f"run `chmod 600 {path}`"
-        )
+    with os.fdopen(fd, "rb") as file:
+        if info.st_mode & 0o077:
+            raise KeystoreError(
+                f"key file {path} is readable by group or others (mode {stat.S_IMODE(info.st_mode):o}); "
+                f"run `chmod 600 {path}`"
+            )
+        try:
+            data = file.read(MAX_KEY_FILE_BYTES + 1)
+        except OSError as exc:
+            raise KeystoreError(f"cannot read key file {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_KEY_FILE_BYTES:
+        raise KeystoreError(f"key file {path} is corrupt: larger than {MAX_KEY_FILE_BYTES} bytes")
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise KeystoreError(f"cannot read key file {path}: {exc.strerror or exc}") from None
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise KeystoreError(f"key file {path} is corrupt: not UTF-8 text") from None
     try:

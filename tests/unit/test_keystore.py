@@ -287,3 +287,12 @@ def test_any_file_content_loads_or_raises_keystore_error(content):
         os.chmod(path, 0o600)
         with pytest.raises(KeystoreError):
             load_key(path, "pw")
+
+
+def test_a_symlinked_key_file_is_refused(tmp_path):
+    real = tmp_path / "real.key"
+    save_key(real, PrivateKey.from_seed(b"\x07" * 32), scrypt_n=2**10)
+    link = tmp_path / "node.key"
+    link.symlink_to(real)
+    with pytest.raises(KeystoreError):
+        load_key(link)
