@@ -468,7 +468,7 @@ class Node:
             grant=grant.encode(),
             model=ask.model,
         )
-        client = reason.ReasonClient(provider=peer)  # checks the receipt against request and output
+        client = reason.ReasonClient(provider=peer, client=self.peer_id)  # checks the receipt against request, output and us
         chunks: list[str] = []
         received = 0
         stats = self._stats_for(peer)

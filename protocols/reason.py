@@ -347,12 +347,14 @@ class ReasonClient(Endpoint):
     """Send one request; receive chunks, then a result or an error.
 
     With ``provider`` given, a result's receipt must be signed by it and match the request
-    and the output; without it (e.g. the answer was relayed) the receipt is passed on unread.
+    and the output (and name ``client`` as the asker, when given); without it (e.g. the
+    answer was relayed) the receipt is passed on unread.
     """
 
-    def __init__(self, *, provider: PeerID | None = None) -> None:
+    def __init__(self, *, provider: PeerID | None = None, client: PeerID | None = None) -> None:
         super().__init__(_TRANSITIONS, IDLE, eof_states=frozenset({DONE}), max_frame=REASON_MAX_FRAME)
         self.provider = provider
+        self.client = client
         self.request: Request | None = None
         self._next_chunk = 0
 
@@ -401,6 +403,8 @@ class ReasonClient(Endpoint):
             raise RemoteProtocolError("the receipt does not match the request, model or output")
         if receipt.input_sha256 != input_digest(self.request.input):
             raise RemoteProtocolError("the receipt commits to another input")
+        if self.client is not None and receipt.client != self.client:
+            raise RemoteProtocolError("the receipt was issued to another asker")
 
 
 class ReasonServer(Endpoint):

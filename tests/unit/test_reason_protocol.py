@@ -58,7 +58,7 @@ def result_for(req, output="hello world", *, key=PROVIDER, model="llama", client
 
 
 def connected(provider=PROVIDER.peer_id, req=None):
-    client, server = ReasonClient(provider=provider), ReasonServer()
+    client, server = ReasonClient(provider=provider, client=CLIENT.peer_id), ReasonServer()
     server.receive_data(client.send_request(req or request()))
     return client, server
 
@@ -145,6 +145,7 @@ def test_receipt_verification_failures():
         result_for(request(), output="something else"),  # ... for another output
         result_for(request(input="other input")),  # ... for another input
         result_for(request(), key=MALLORY),  # ... from another provider
+        result_for(request(), client=MALLORY.peer_id),  # ... issued to another asker
     ],
 )
 def test_the_client_checks_the_receipt_against_request_output_and_provider(result):
