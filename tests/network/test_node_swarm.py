@@ -334,3 +334,26 @@ async def test_an_asker_that_half_closes_after_its_request_still_gets_the_answer
         assert [type(e) for e in events] == [reason.Chunk, reason.Result]
         assert events[-1].output == "e:hi"
         assert not echo.cancelled.is_set()
+
+
+async def test_a_provider_at_its_per_peer_limit_refuses_and_is_not_banned(autojump_clock):
+    slow = TaggedEcho("slow", delay=10.0)
+    config = Config(max_requests_per_peer=1)
+    async with open_memory_swarm(4, backends_for=lambda i: [slow] if i == 1 else [], config=config) as swarm:
+        provider, asker = swarm.nodes[1], swarm.nodes[2]
+        outcomes = []
+
+        async def ask() -> None:
+            try:
+                outcomes.append((await asker.ask("echo", "x")).output)
+            except RequestFailed as exc:
+                outcomes.append(exc.errors[0][1])
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask)
+            nursery.start_soon(ask)
+        assert len(outcomes) == 2 and "slow:x" in outcomes  # one served...
+        assert any(o.startswith("overloaded") for o in outcomes if o != "slow:x")  # ...one refused as busy
+        stats = asker.stats[provider.peer_id]
+        assert stats.failures == 0 and not stats.banned(trio.current_time())
+        assert stats.load == 1.0
