@@ -59,6 +59,7 @@ from libp2p.utils.address_validation import expand_wildcard_address
 from multiaddr.exceptions import Error as MultiaddrError
 from multiaddr.protocols import P_P2P
 
+from modelnet.errors import unwrapping_groups
 from modelnet.identity import IdentityError, PeerID, PrivateKey
 from modelnet.protocols.errors import ProtocolError, RemoteProtocolError
 from modelnet.protocols.framing import decode_uvarint, encode_uvarint
@@ -72,7 +73,6 @@ from .streams import (
     FramedStream,
     PeerListeners,
     dial_in_order,
-    lone_error_unwrapped,
 )
 
 logger = logging.getLogger(__name__)
@@ -677,7 +677,7 @@ async def open_libp2p_host(key: PrivateKey, listen: Sequence[str] = DEFAULT_LIST
     listen_addrs = [_parse_addr(text) for text in listen]
     basic = _build_host(key, listen_addrs)
     missing: set[str] = set()
-    with lone_error_unwrapped():
+    with unwrapping_groups():
         async with trio.open_nursery() as nursery:
             host = Libp2pHost(key, basic, nursery)
             try:

@@ -39,6 +39,7 @@ from typing import AsyncIterator, Iterable, Mapping, Sequence
 
 import trio
 
+from modelnet.errors import unwrapping_groups
 from modelnet.identity import PeerID, PrivateKey
 
 from .errors import DialError, HostClosed, P2PError, ProtocolNotSupported, StreamClosed, StreamReset
@@ -49,7 +50,6 @@ from .streams import (
     AddressBook,
     PeerListeners,
     dial_in_order,
-    lone_error_unwrapped,
 )
 
 logger = logging.getLogger(__name__)
@@ -449,7 +449,7 @@ class MemoryNetwork:
             raise P2PError(f"{peer} is already on this network")
         address = f"{ADDRESS_PREFIX}{self._next_addr}"
         self._next_addr += 1
-        with lone_error_unwrapped():
+        with unwrapping_groups():
             async with trio.open_nursery() as nursery:
                 host = MemoryHost(self, key, address, nursery)
                 self._hosts[peer] = host

@@ -5,17 +5,13 @@
   protocol (kad, session, reason) uses.
 - :class:`AddressBook` and :class:`PeerListeners`: the bookkeeping both hosts keep, and
   :func:`dial_in_order`, the dial loop both run (each with its own per-address dial).
-- :func:`lone_error_unwrapped`: so an error raised in the body of a host's context
-  manager comes out as itself, not wrapped in the exception groups of the nurseries
-  the host runs.
 """
 
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
 from types import TracebackType
-from typing import Awaitable, Callable, Iterator, Sequence, TypeVar
+from typing import Awaitable, Callable, Sequence, TypeVar
 
 from modelnet.identity import PeerID
 from modelnet.protocols.errors import RemoteProtocolError
@@ -259,22 +255,3 @@ class PeerListeners:
                 on_disconnect(peer)
             except Exception:
                 logger.exception("disconnect listener failed for %s", peer)
-
-
-@contextmanager
-def lone_error_unwrapped() -> Iterator[None]:
-    """Re-raise the one exception inside (nested) exception groups as itself."""
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        leaves: list[BaseException] = []
-        pending: list[BaseException] = [group]
-        while pending:
-            exc = pending.pop()
-            if isinstance(exc, BaseExceptionGroup):
-                pending.extend(exc.exceptions)
-            else:
-                leaves.append(exc)
-        if len(leaves) == 1:
-            raise leaves[0] from None
-        raise

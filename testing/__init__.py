@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from typing import AsyncIterator, Callable, Sequence
 
 import trio
@@ -40,6 +41,10 @@ def virtual_wall_clock() -> float:
     return EPOCH + trio.current_time()
 
 
+def _node(host: Host, key: PrivateKey, backends, config: Config, wall_clock: Callable[[], float] | None) -> Node:
+    return Node(host, key, backends, config, wall_clock=wall_clock or time.time)
+
+
 @dataclasses.dataclass
 class Swarm:
     nodes: list[Node]
@@ -64,8 +69,7 @@ async def open_node(
     """One running node: host up, serving, joined through ``bootstrap``, published."""
     with unwrapping_groups():
         async with host_factory(key) as host:
-            kwargs = {"wall_clock": wall_clock} if wall_clock is not None else {}
-            node = Node(host, key, backends, config, **kwargs)
+            node = _node(host, key, backends, config, wall_clock)
             async with trio.open_nursery() as nursery:
                 await nursery.start(node.serve, bootstrap)
                 if publish and node.server.models and not config.client_mode:
@@ -205,20 +209,20 @@ async def open_oracle_swarm(
     async def run_node(i: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         key = key_for(i)
         async with host_factory(key) as host:
-            kwargs = {"wall_clock": wall_clock} if wall_clock is not None else {}
-            node = nodes[i] = Node(host, key, backends_for(i), config, **kwargs)
+            node = nodes[i] = _node(host, key, backends_for(i), config, wall_clock)
             task_status.started()
             await go.wait()
             await node.serve()
 
-    async with trio.open_nursery() as nursery:
-        for i in range(n):
-            await nursery.start(run_node, i)
-        ready = [node for node in nodes if node is not None]
-        oracle_join(ready, seed=seed)
-        go.set()
-        for node in ready:
-            if node.backends and not config.client_mode:
-                await node.wait_published()
-        yield Swarm(ready)
-        nursery.cancel_scope.cancel()
+    with unwrapping_groups():
+        async with trio.open_nursery() as nursery:
+            for i in range(n):
+                await nursery.start(run_node, i)
+            ready = [node for node in nodes if node is not None]
+            oracle_join(ready, seed=seed)
+            go.set()
+            for node in ready:
+                if node.server.models and not config.client_mode:
+                    await node.wait_published()
+            yield Swarm(ready)
+            nursery.cancel_scope.cancel()
