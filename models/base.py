@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import AsyncIterator, Collection, Mapping
+import json
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from typing import Any
 
 from modelnet.errors import ModelNetError
@@ -32,14 +33,55 @@ class InvalidInput(ModelError):
     """Empty or oversized text, or bad parameters."""
 
 
+class UpstreamError(ModelError):
+    """A model server behind a backend failed: HTTP 5xx, refused our key, or answered nonsense.
+
+    ``status`` is the HTTP status when there was one. Not the asker's fault: another
+    provider may well succeed.
+    """
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class UpstreamTimeout(UpstreamError):
+    """The model server did not answer (or stopped streaming) within the backend's timeout."""
+
+
+class UpstreamUnavailable(UpstreamError):
+    """The model server could not be reached (connection refused, reset, DNS)."""
+
+
+class UpstreamBusy(UpstreamError):
+    """The model server said it is overloaded (HTTP 429): busy, not broken."""
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class ModelInfo:
+    """What a model declares about itself; the node publishes exactly this."""
+
     name: str  # e.g. "vader-sentiment"
-    task: str  # the capability users ask for: "sentiment", "language-id", "summarize", ...
+    task: str  # the capability users ask for: "sentiment", "chat", "completion", "embed", ...
     tags: tuple[str, ...] = ()  # domain tags, e.g. ("english", "lexicon")
     description: str = ""
     max_input_bytes: int = 16384  # UTF-8 bytes of the input text
     streaming: bool = False
+    context_length: int | None = None  # tokens of input and output together, when the model has a window
+    max_output_tokens: int | None = None  # the most tokens one answer may have, when bounded
+
+
+# Tasks whose input is a conversation or a prompt, and whose output is text.
+CHAT = "chat"
+COMPLETION = "completion"
+EMBED = "embed"
+
+# Chat input. Request params are scalars, so a whole conversation travels as the input
+# text: with params ``{INPUT_FORMAT: MESSAGES}`` the input is a JSON list of
+# ``{"role", "content"}``; otherwise the input is one user message.
+INPUT_FORMAT = "input_format"
+MESSAGES = "messages"
+CHAT_ROLES = ("system", "user", "assistant", "developer", "tool")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -69,6 +111,14 @@ class Backend(abc.ABC):
 
         Raises :class:`UnknownModel` or :class:`InvalidInput` before the first item.
         """
+
+    async def discover(self) -> list[ModelInfo]:
+        """Learn which models are served, for backends that only know at run time.
+
+        A node is built from ``models()``, so whoever builds it awaits this first (see
+        :func:`modelnet.models.registry.discover_models`). Default: nothing to learn.
+        """
+        return self.models()
 
     async def warm(self) -> None:
         """Load what the models need before the first request (default: nothing to load)."""
@@ -119,3 +169,46 @@ def str_param(params: Mapping[str, Any], name: str, default: str) -> str:
     if not isinstance(value, str):
         raise InvalidInput(f"parameter {name!r} must be text, not {type(value).__name__}")
     return value
+
+
+def float_param(params: Mapping[str, Any], name: str, low: float, high: float) -> float:
+    value = params[name]
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
+        raise InvalidInput(f"parameter {name!r} must be a number in {low:g}..{high:g}, not {value!r}")
+    return float(value)
+
+
+def encode_messages(messages: Sequence[Mapping[str, str]]) -> tuple[str, dict[str, str]]:
+    """A conversation as request input and params (see :data:`INPUT_FORMAT`)."""
+    checked = _checked_messages(list(messages))
+    return json.dumps(checked, ensure_ascii=False, separators=(",", ":")), {INPUT_FORMAT: MESSAGES}
+
+
+def decode_messages(text: str, params: Mapping[str, Any]) -> list[dict[str, str]]:
+    """The conversation a chat request carries: its JSON messages, or the text as one user turn."""
+    fmt = params.get(INPUT_FORMAT, "text")
+    if fmt == "text":
+        return [{"role": "user", "content": text}]
+    if fmt != MESSAGES:
+        raise InvalidInput(f"parameter {INPUT_FORMAT!r} must be 'text' or {MESSAGES!r}, not {fmt!r}")
+    try:
+        messages = json.loads(text)
+    except ValueError as exc:
+        raise InvalidInput(f"input is not a JSON list of messages: {exc}") from None
+    return _checked_messages(messages)
+
+
+def _checked_messages(messages: object) -> list[dict[str, str]]:
+    if not isinstance(messages, list) or not messages:
+        raise InvalidInput("a conversation is a non-empty list of messages")
+    checked = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise InvalidInput(f"message {index} is not an object")
+        role, content = message.get("role"), message.get("content")
+        if role not in CHAT_ROLES:
+            raise InvalidInput(f"message {index} has role {role!r}; valid: {', '.join(CHAT_ROLES)}")
+        if not isinstance(content, str):
+            raise InvalidInput(f"message {index} needs text content")
+        checked.append({"role": role, "content": content})
+    return checked

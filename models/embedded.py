@@ -1,8 +1,8 @@
 """The default models every node can serve offline, and the echo backend for tests.
 
-``EmbeddedBackend`` serves four small CPU models whose data ships inside their packages:
-VADER sentiment, langid language identification, YAKE keywords and our own TextRank
-summariser. Heavy state (langid's model takes ~1.4 s to decode) is loaded once per process,
+``EmbeddedBackend`` serves five small CPU models whose data ships inside their packages
+or this module: VADER sentiment, langid language identification, YAKE keywords, our own
+TextRank summariser and a feature-hashing text embedder. Heavy state (langid's model takes ~1.4 s to decode) is loaded once per process,
 lazily and under a lock, by whichever call needs it first, so with ``offload=True`` the load
 also happens off the event loop.
 """
@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import importlib.util
 import logging
+import math
 import os
 import re
 import threading
@@ -122,7 +124,7 @@ def _yake_stopwords(language: str) -> frozenset[str]:
         return words
 
 
-# --- the four models: a params check (inline, cheap) and a compute (CPU, maybe a thread) ---
+# --- the five models: a params check (inline, cheap) and a compute (CPU, maybe a thread) ---
 # compute returns (chunks, output value); non-streaming models return no chunks.
 
 
@@ -210,6 +212,44 @@ def _summary(text: str, count: int) -> tuple[list[str], Any]:
     return chunks, "".join(chunks)
 
 
+EMBEDDING_DIMENSIONS = 256
+_WORD = re.compile(r"\w+")
+
+
+def hashed_embedding(text: str, dimensions: int = EMBEDDING_DIMENSIONS) -> list[float]:
+    """A deterministic, download-free text embedding, L2-normalised.
+
+    Term frequencies of the lowercased words and of their character 3-grams (with ``<``
+    and ``>`` marking word edges, so ``cat`` and ``cats`` share most features), hashed
+    into ``dimensions`` buckets with a hashed sign (collisions cancel out instead of piling
+    up), with sublinear (1 + log) weighting. BLAKE2b, not ``hash()``: the same text must
+    give the same vector in every process. Texts that share words point the same way.
+    """
+    counts: dict[str, int] = {}
+    for word in _WORD.findall(text.lower()):
+        counts["w:" + word] = counts.get("w:" + word, 0) + 1
+        marked = f"<{word}>"
+        for start in range(len(marked) - 2):
+            gram = "c:" + marked[start : start + 3]
+            counts[gram] = counts.get(gram, 0) + 1
+    vector = [0.0] * dimensions
+    for feature, count in counts.items():
+        digest = int.from_bytes(hashlib.blake2b(feature.encode(), digest_size=8).digest(), "big")
+        weight = 1.0 + math.log(count)
+        vector[digest % dimensions] += weight if digest >> 63 else -weight
+    norm = math.sqrt(sum(x * x for x in vector))
+    return [x / norm for x in vector] if norm else vector
+
+
+def _embed_params(params: Mapping[str, Any]) -> int:
+    check_param_names(params, ("dimensions",))
+    return int_param(params, "dimensions", EMBEDDING_DIMENSIONS, 1, 4096)
+
+
+def _embed(text: str, dimensions: int) -> tuple[list[str], Any]:
+    return [], hashed_embedding(text, dimensions)
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Model:
     info: ModelInfo
@@ -270,12 +310,24 @@ EMBEDDED_MODELS: dict[str, _Model] = {
             _summary,
             None,
         ),
+        _Model(
+            ModelInfo(
+                "hash-embed",
+                "embed",
+                ("multilingual", "feature-hashing", "embedding"),
+                "Feature-hashed word and character 3-gram frequencies, L2-normalised: a "
+                "list of 256 floats (param dimensions 1..4096). Deterministic, no download.",
+            ),
+            _embed_params,
+            _embed,
+            None,
+        ),
     )
 }
 
 
 class EmbeddedBackend(Backend):
-    """The four embedded models, or the subset named in ``models``.
+    """The five embedded models, or the subset named in ``models``.
 
     ``offload=True`` runs each model call in ``trio.to_thread.run_sync`` so the event loop
     keeps serving; ``offload=False`` runs it inline, which tests under ``autojump_clock``

@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import trio
 
 from modelnet.identity import IdentityError, PeerID, PrivateKey
-from modelnet.models.base import Backend, InvalidInput, ModelError, ModelInfo, UnknownModel
+from modelnet.models.base import Backend, InvalidInput, ModelError, ModelInfo, UnknownModel, UpstreamBusy, UpstreamError
 from modelnet.models.base import Chunk as ModelChunk
 from modelnet.models.base import Output as ModelOutput
 from modelnet.protocols import capability as cap
@@ -48,6 +48,8 @@ def model_capability(info: ModelInfo) -> cap.ModelCapability:
         description=info.description,
         max_input_bytes=info.max_input_bytes,
         streaming=info.streaming,
+        context_length=info.context_length,
+        max_output_tokens=info.max_output_tokens,
     )
 
 
@@ -194,7 +196,7 @@ class ModelServer:
             except trio.TooSlowError:
                 await send_quietly(stream, server.send(reason.Error(reason.DEADLINE_EXCEEDED, "deadline passed while working", False)))
             except ModelError as exc:
-                await send_quietly(stream, server.send(reason.Error(_error_code(exc), clip(exc, 1000), False)))
+                await send_quietly(stream, server.send(reason.Error(_error_code(exc), clip(exc, 1000), isinstance(exc, UpstreamError))))
             except StreamClosed:
                 logger.info("asker %s went away mid-answer", remote.short())
             else:
@@ -231,8 +233,11 @@ async def _watch_asker(stream: Stream, scope: trio.CancelScope) -> None:
 
 
 def _error_code(exc: ModelError) -> str:
+    """The reason code for a model's failure; only INVALID_INPUT stops the asker failing over."""
     if isinstance(exc, InvalidInput):
         return reason.INVALID_INPUT
     if isinstance(exc, UnknownModel):
         return reason.NO_SUCH_CAPABILITY
-    return reason.INTERNAL
+    if isinstance(exc, UpstreamBusy):  # ranked down by the asker, not banned
+        return reason.OVERLOADED
+    return reason.INTERNAL  # upstream 5xx, timeouts, unreachable: retryable elsewhere

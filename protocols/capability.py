@@ -9,7 +9,11 @@ providers by tag, then fetches and verifies the node record before using it.
 Payload (canonical msgpack map; unknown fields are ignored)::
 
     {"peer": <peer id bytes>, "addrs": [multiaddr text…], "software": str,
-     "models": [{"name", "task", "tags", "description", "max_input_bytes", "streaming"}…]}
+     "models": [{"name", "task", "tags", "description", "max_input_bytes", "streaming",
+                 "context_length"?, "max_output_tokens"?}…]}
+
+``context_length`` (tokens of input and output together) and ``max_output_tokens`` are
+present only when the model declares them.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ MAX_MODEL_NAME_CHARS = MAX_TAG_CHARS - len(MODEL_TAG_PREFIX)
 MAX_TAGS_PER_MODEL = 16
 MAX_DESCRIPTION_CHARS = 1024
 MAX_INPUT_BYTES_LIMIT = 1 << 30
+MAX_TOKENS_LIMIT = 1 << 32  # context lengths and output limits, in tokens
 MAX_MODELS = 64
 MAX_ADDRS = 16
 MAX_ADDR_CHARS = 256
@@ -85,6 +90,8 @@ class ModelCapability:
     description: str = ""
     max_input_bytes: int = 65536
     streaming: bool = False
+    context_length: int | None = None
+    max_output_tokens: int | None = None
 
     def __post_init__(self) -> None:
         check_str("model name", self.name, min_len=1, max_len=MAX_MODEL_NAME_CHARS)
@@ -95,6 +102,10 @@ class ModelCapability:
         check_str("model description", self.description, max_len=MAX_DESCRIPTION_CHARS)
         check_int("max_input_bytes", self.max_input_bytes, 1, MAX_INPUT_BYTES_LIMIT)
         check_bool("streaming", self.streaming)
+        for name in ("context_length", "max_output_tokens"):
+            value = getattr(self, name)
+            if value is not None:
+                check_int(name, value, 1, MAX_TOKENS_LIMIT)
 
     def capability_tags(self) -> tuple[str, ...]:
         """The task, ``model:<name>`` and each tag, normalized, without repeats."""
@@ -105,7 +116,7 @@ class ModelCapability:
         return normalize_tag(capability) in self.capability_tags()
 
     def _to_wire(self) -> dict[str, Any]:
-        return {
+        wire = {
             "name": self.name,
             "task": self.task,
             "tags": list(self.tags),
@@ -113,6 +124,11 @@ class ModelCapability:
             "max_input_bytes": self.max_input_bytes,
             "streaming": self.streaming,
         }
+        # Absent rather than nil when undeclared: records without them stay byte-identical.
+        for name in ("context_length", "max_output_tokens"):
+            if getattr(self, name) is not None:
+                wire[name] = getattr(self, name)
+        return wire
 
     @classmethod
     def _from_wire(cls, fields: Any) -> "ModelCapability":
@@ -125,6 +141,8 @@ class ModelCapability:
             description=field(fields, "description", str, ""),
             max_input_bytes=field(fields, "max_input_bytes", int, 65536),
             streaming=field(fields, "streaming", bool, False),
+            context_length=field(fields, "context_length", int, None),
+            max_output_tokens=field(fields, "max_output_tokens", int, None),
         )
 
 

@@ -27,7 +27,7 @@ from modelnet.models import (
 from modelnet.models import summarize
 from modelnet.models.base import ModelInfo, check_text
 
-MODELS = ("vader-sentiment", "langid", "yake-keywords", "textrank-summary")
+MODELS = ("vader-sentiment", "langid", "yake-keywords", "textrank-summary", "hash-embed")
 
 # The hub sentence (shares words with both other solar sentences) comes last, so a summary
 # in score order would differ from one in document order.
@@ -252,6 +252,9 @@ async def test_input_over_the_byte_limit(inline, model):
         ("textrank-summary", {"sentences": 0}),
         ("textrank-summary", {"sentences": 2.5}),
         ("textrank-summary", {"sentence": 2}),
+        ("hash-embed", {"dimensions": 0}),
+        ("hash-embed", {"dimensions": 4097}),
+        ("hash-embed", {"top": 3}),
     ],
 )
 async def test_bad_params(inline, model, params):
@@ -275,7 +278,7 @@ async def test_subset_of_models():
 def test_model_infos():
     infos = {info.name: info for info in EmbeddedBackend().models()}
     assert list(infos) == list(MODELS)
-    assert [infos[name].task for name in MODELS] == ["sentiment", "language-id", "keywords", "summarize"]
+    assert [infos[name].task for name in MODELS] == ["sentiment", "language-id", "keywords", "summarize", "embed"]
     assert [name for name in MODELS if infos[name].streaming] == ["textrank-summary"]
     assert all(isinstance(info, ModelInfo) and info.description and info.tags for info in infos.values())
 
@@ -285,7 +288,7 @@ def test_model_infos():
     model=st.sampled_from(MODELS),
     text=st.text(max_size=200),
     params=st.dictionaries(
-        st.sampled_from(["top", "language", "candidates", "sentences", "other"]),
+        st.sampled_from(["top", "language", "candidates", "sentences", "dimensions", "other"]),
         st.one_of(
             st.none(), st.booleans(), st.integers(-3, 60), st.text(max_size=8), st.lists(st.text(max_size=3))
         ),
