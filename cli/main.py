@@ -23,6 +23,7 @@ from typing import Any, Sequence
 from modelnet import __version__
 from modelnet.errors import ModelNetError, sole_error
 
+from . import gateway as gateway_cli
 from . import render
 
 EXIT_OK = 0
@@ -128,21 +129,32 @@ def cmd_node(args: argparse.Namespace) -> int:
     key = keystore.load_key(key_path, passphrase(args))
     listen = args.listen or config.get("listen") or [DEFAULT_LISTEN]
     specs = args.model or config.get("models") or ["embedded"]
+    if not isinstance(specs, list) or not all(isinstance(spec, str) and spec for spec in specs):
+        raise CliError(f"{home / CONFIG_FILE}: models must be a list of backend specs", EXIT_USAGE)
     bootstrap = bootstrap_addrs(args, config)
     from modelnet.models.registry import load_backends
 
     backends = load_backends(specs)
-    trio.run(_run_node, key, listen, backends, bootstrap, args)
+    trio.run(_run_node, key, listen, backends, bootstrap, args, specs)
     return EXIT_OK
 
 
-async def _run_node(key, listen, backends, bootstrap, args) -> None:
+async def _run_node(key, listen, backends, bootstrap, args, specs) -> None:
     import trio
 
+    from modelnet.models.base import UpstreamError
+    from modelnet.models.registry import discover_models
     from modelnet.p2p.libp2p_host import open_libp2p_host
     from modelnet.p2p.node import Node
 
     progress = render.Progress(sys.stderr)
+    http = gateway_cli.gateway_config(args) if args.http else None
+    # Some backends (openai:<url> without #model) learn their models from their server;
+    # the node publishes what they serve, so that comes first.
+    try:
+        await discover_models(backends, specs)
+    except UpstreamError as exc:
+        raise CliError(str(exc)) from None
     async with open_libp2p_host(key, listen) as host:
         node = Node(host, key, backends)
         for addr in node.addrs:
@@ -158,6 +170,8 @@ async def _run_node(key, listen, backends, bootstrap, args) -> None:
             await node.wait_published()
             tags = sorted(node.capability_record().capability_tags())
             progress.done(f"serving {len(tags)} capabilities: {', '.join(tags)}")
+            if http is not None:
+                await gateway_cli.start_gateway(nursery, node, http)
             print("ready", flush=True)
 
 
@@ -319,9 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--listen", action="append", help="multiaddr to listen on (repeatable; default from config)")
     p.add_argument("--bootstrap", action="append", help="full address of a peer to join through (repeatable)")
-    p.add_argument("--model", action="append", help="backend spec: embedded, embedded:NAME, echo (repeatable)")
+    p.add_argument("--model", action="append", help="backend spec (repeatable): embedded, embedded:NAME, echo, openai:URL[#MODEL,…] "
+        "(an OpenAI-compatible server; API key from $MODELNET_OPENAI_API_KEY or ?key_env=VAR), or a plug-in NAME[:ARG]")
     p.add_argument("--passphrase-env", metavar="VAR", help="read the key's passphrase from this environment variable")
     p.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the bootstrap peers")
+    gateway_cli.add_http_arguments(p)
     p.set_defaults(func=cmd_node)
 
     for name, func, helptext in (("find", cmd_find, "list providers of a capability"), ("ask", cmd_ask, "ask the network")):
@@ -336,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="machine-readable output")
         p.add_argument("--timeout", type=float, default=15.0, help="seconds for the whole operation")
         p.set_defaults(func=func)
+
+    gateway_cli.add_gateway_command(sub, common)
 
     p = sub.add_parser("demo", help="run a local network on loopback and route requests through it")
     p.add_argument("--nodes", type=int, default=4, help="provider nodes to start (default 4)")
