@@ -5,6 +5,8 @@
     modelnet find CAPABILITY              list verified providers of a capability
     modelnet ask CAPABILITY TEXT          route a request to the best provider
     modelnet demo                         a local network on loopback, end to end
+    modelnet swarm-key FILE               make a pre-shared key that closes a private swarm
+    modelnet org create|issue|join|revoke|show   organisations and memberships
 
 Exit codes: 0 success, 1 the network failed us (unreachable bootstrap, every provider
 failed), 2 bad input (usage, address, text), 3 no provider of the capability.
@@ -17,6 +19,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -89,6 +92,19 @@ def bootstrap_addrs(args: argparse.Namespace, config: dict[str, Any]) -> list[st
     return addrs
 
 
+def swarm_key(args: argparse.Namespace):
+    """The private swarm's key from ``--swarm-key FILE`` (None: the open network)."""
+    path = getattr(args, "swarm_key", None)
+    if not path:
+        return None
+    from modelnet.p2p.pnet import SwarmKeyError, load_swarm_key
+
+    try:
+        return load_swarm_key(Path(path).expanduser())
+    except SwarmKeyError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+
+
 # -- commands ---------------------------------------------------------------------------
 
 
@@ -135,11 +151,14 @@ def cmd_node(args: argparse.Namespace) -> int:
     from modelnet.models.registry import load_backends
 
     backends = load_backends(specs)
-    trio.run(_run_node, key, listen, backends, bootstrap, args, specs)
+    from .org import installed_memberships, owned_revocations
+
+    trust = dict(memberships=installed_memberships(home, now=time.time()), revocations=owned_revocations(home, now=time.time()))
+    trio.run(_run_node, key, listen, backends, bootstrap, args, specs, trust)
     return EXIT_OK
 
 
-async def _run_node(key, listen, backends, bootstrap, args, specs) -> None:
+async def _run_node(key, listen, backends, bootstrap, args, specs, trust) -> None:
     import trio
 
     from modelnet.models.base import UpstreamError
@@ -150,13 +169,16 @@ async def _run_node(key, listen, backends, bootstrap, args, specs) -> None:
     progress = render.Progress(sys.stderr)
     http = gateway_cli.gateway_config(args) if args.http else None
     # Some backends (openai:<url> without #model) learn their models from their server;
-    # the node publishes what they serve, so that comes first.
+    # the node publishes what they serve, and policies name them, so that comes first.
     try:
         await discover_models(backends, specs)
     except UpstreamError as exc:
         raise CliError(str(exc)) from None
-    async with open_libp2p_host(key, listen) as host:
-        node = Node(host, key, backends)
+    from .org import parse_policies
+
+    policies = parse_policies(args.policy or [], {info.name for backend in backends for info in backend.models()})
+    async with open_libp2p_host(key, listen, swarm_key=swarm_key(args)) as host:
+        node = Node(host, key, backends, memberships=trust["memberships"], policies=policies, revocations=trust["revocations"])
         for addr in node.addrs:
             print(f"listening on {addr}", flush=True)
         async with trio.open_nursery() as nursery:
@@ -224,11 +246,21 @@ async def _client_session(args: argparse.Namespace, bootstrap: list[str], action
     from modelnet.p2p.libp2p_host import open_libp2p_host
     from modelnet.p2p.node import Config, Node
 
-    # A light client: a fresh key, no DHT serving, nothing published.
-    key = PrivateKey.generate()
+    from .org import installed_memberships
+
+    # A light client: no DHT serving, nothing published; a fresh key, unless this home
+    # holds memberships: certificates are bound to the node's id, so a member asks as it.
+    home = home_dir(args)
+    memberships = installed_memberships(home, now=time.time())
+    if memberships:
+        from modelnet.identity import keystore
+
+        key = keystore.load_key(home / KEY_FILE, passphrase(args))
+    else:
+        key = PrivateKey.generate()
     progress = render.Progress(sys.stderr, quiet=args.json)
-    async with open_libp2p_host(key, [DEFAULT_LISTEN]) as host:
-        node = Node(host, key, (), Config(client_mode=True))
+    async with open_libp2p_host(key, [DEFAULT_LISTEN], swarm_key=swarm_key(args)) as host:
+        node = Node(host, key, (), Config(client_mode=True), memberships=memberships)
         async with trio.open_nursery() as nursery:
             progress.step(f"joining through {bootstrap[0]}")
             await _start(nursery, node, bootstrap, args.timeout)
@@ -301,6 +333,19 @@ def parse_params(items: Sequence[str]) -> dict[str, Any]:
     return params
 
 
+def cmd_swarm_key(args: argparse.Namespace) -> int:
+    from modelnet.p2p.pnet import SwarmKey, SwarmKeyError, write_swarm_key
+
+    key = SwarmKey.generate()
+    try:
+        write_swarm_key(Path(args.file).expanduser(), key)
+    except SwarmKeyError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    print(f"swarm key {key.fingerprint} written to {args.file} (mode 600)")
+    print(f"give it to every node of the swarm: modelnet node --swarm-key {args.file} …")
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     import trio
 
@@ -320,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--home", help=f"node home folder (default $MODELNET_HOME or {DEFAULT_HOME})")
+        p.add_argument("--swarm-key", metavar="FILE", help="join only the private swarm of this pre-shared key (modelnet swarm-key)")
 
     p = sub.add_parser("init", help="create a node identity and config")
     common(p)
@@ -338,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--passphrase-env", metavar="VAR", help="read the key's passphrase from this environment variable")
     p.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the bootstrap peers")
     gateway_cli.add_http_arguments(p)
+    p.add_argument("--policy", action="append", metavar="MODEL=POLICY", help="who may use MODEL: public, org:<id>[:role=<r>], peer:<id>, comma-combined (repeatable)")
     p.set_defaults(func=cmd_node)
 
     for name, func, helptext in (("find", cmd_find, "list providers of a capability"), ("ask", cmd_ask, "ask the network")):
@@ -351,14 +398,23 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--bootstrap", action="append", help="full address of a peer to join through")
         p.add_argument("--json", action="store_true", help="machine-readable output")
         p.add_argument("--timeout", type=float, default=15.0, help="seconds for the whole operation")
+        p.add_argument("--passphrase-env", metavar="VAR", help="passphrase of the node key (used when memberships are installed)")
         p.set_defaults(func=func)
 
     gateway_cli.add_gateway_command(sub, common)
+
+    p = sub.add_parser("swarm-key", help="write a new pre-shared key for a private swarm")
+    p.add_argument("file", help="where to write it (mode 600; never overwritten)")
+    p.set_defaults(func=cmd_swarm_key)
 
     p = sub.add_parser("demo", help="run a local network on loopback and route requests through it")
     p.add_argument("--nodes", type=int, default=4, help="provider nodes to start (default 4)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_demo)
+
+    from .org import register as register_org
+
+    register_org(sub, common)
     return parser
 
 

@@ -1,4 +1,5 @@
-"""Identity: Ed25519 keys, libp2p peer ids, keystores, canonical encoding, signed records."""
+"""Identity: Ed25519 keys, libp2p peer ids, keystores, canonical encoding, signed records,
+organisation certificates and revocations."""
 
 from . import canonical
 from .errors import (
@@ -15,10 +16,46 @@ from .errors import (
 )
 from .keys import PeerID, PrivateKey, PublicKey
 from .keystore import load_key, load_or_create_key, save_key
+from .org import (
+    ORG_DOMAIN,
+    CertificateExpired,
+    MalformedOrgRecord,
+    Membership,
+    MembershipCertificate,
+    OrgError,
+    OrgSignatureInvalid,
+    Revocation,
+    RevocationExpired,
+    WrongMember,
+    WrongOrganisation,
+    issue_certificate,
+    make_revocation,
+    open_certificate,
+    open_revocation,
+    records_key,
+    revocation_key,
+)
 from .records import SignedRecord, open_record
 
 __all__ = [
+    "ORG_DOMAIN",
     "CanonicalEncodingError",
+    "CertificateExpired",
+    "MalformedOrgRecord",
+    "Membership",
+    "MembershipCertificate",
+    "OrgError",
+    "OrgSignatureInvalid",
+    "Revocation",
+    "RevocationExpired",
+    "WrongMember",
+    "WrongOrganisation",
+    "issue_certificate",
+    "make_revocation",
+    "open_certificate",
+    "open_revocation",
+    "records_key",
+    "revocation_key",
     "IdentityError",
     "InvalidPeerId",
     "InvalidSignature",

@@ -22,5 +22,8 @@ class Config:
     max_requests_per_peer: int = 8  # of those, at most this many for one asker
     requests_per_minute_per_peer: int = 600
     max_request_seconds: float = 300.0  # work for one request stops after this, whatever its deadline
+    # Organisations (issue 3): how often a provider with org policies looks up each org's
+    # revocation list; None means republish_interval, so a revocation is honoured within one.
+    revocation_refresh: float | None = None
     client_mode: bool = False  # a light client: no DHT serving, nothing published
     dht: DHTConfig = DHTConfig()

@@ -23,6 +23,10 @@ py-libp2p does not (see /work/shared/notes/py-libp2p-0.8.1.md):
   and translates every libp2p error into :mod:`modelnet.p2p.errors`; a stream read
   returns ``b""`` only at a clean EOF (libp2p reports a lost connection as EOF too) and
   raises StreamReset otherwise;
+- closes a private swarm with a pre-shared key (:mod:`.pnet`, the libp2p pnet spec) when
+  given one: a dial that fails during the handshake then names the likely cause (the
+  peer has no key, or another one), and an inbound connection from a stranger is logged
+  at INFO and dropped while the host keeps serving;
 - closes the host inside ``run()`` (the only path that closes sockets) and takes over the
   ``libp2p`` logger (records at WARNING and above go to ``modelnet.p2p.libp2p``; those
   about a dial that fails are demoted to DEBUG, since the caller gets a DialError).
@@ -33,13 +37,15 @@ from __future__ import annotations
 import contextvars
 import functools
 import logging
+import os
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Container, Sequence
 
 import multiaddr
 import trio
 from libp2p import new_swarm
-from libp2p.abc import INetConn, INetStream, INetwork, INotifee
+import libp2p.network.swarm as libp2p_swarm
+from libp2p.abc import ConnectionType, INetConn, INetStream, INetwork, INotifee, IRawConnection
 from libp2p.crypto.ed25519 import Ed25519PrivateKey
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
@@ -66,6 +72,7 @@ from modelnet.protocols.framing import decode_uvarint, encode_uvarint
 
 from .errors import BadAddress, DialError, HostClosed, P2PError, ProtocolNotSupported, StreamClosed, StreamReset
 from .host import DisconnectListener, Host, PeerInfo, PeerListener, Stream, StreamHandler
+from .pnet import NONCE_BYTES, HandshakeCheck, SwarmKey, SwarmMismatch, XSalsa20
 from .streams import (
     DIAL_TIMEOUT,
     NEGOTIATE_TIMEOUT,
@@ -159,6 +166,24 @@ def _advertised(addrs: Sequence[multiaddr.Multiaddr]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def _swarm_mismatch(exc: BaseException) -> SwarmMismatch | None:
+    """The :class:`SwarmMismatch` somewhere inside what libp2p raised for a dial (it wraps
+    errors in MultiErrors, groups and ``raise … from``), or None."""
+    pending, seen = [exc], set()
+    while pending:
+        error = pending.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        if isinstance(error, SwarmMismatch):
+            return error
+        pending.extend(getattr(error, "errors", None) or ())  # libp2p's MultiError
+        if isinstance(error, BaseExceptionGroup):
+            pending.extend(error.exceptions)
+        pending.extend((error.__cause__, error.__context__))
+    return None
+
+
 def _dial_failure(exc: BaseException) -> str:
     """The useful part of a failed dial: libp2p's per-address reason, not its wrapper."""
     if isinstance(exc, trio.TooSlowError):
@@ -172,7 +197,103 @@ def _key_pair(key: PrivateKey) -> KeyPair:
     return KeyPair(private, private.get_public_key())
 
 
-def _build_host(key: PrivateKey, listen: Sequence[multiaddr.Multiaddr]) -> BasicHost:
+class _GuardedConnection(IRawConnection):
+    """Every raw connection of our hosts, before the security handshake.
+
+    With a swarm key it is a pnet connection (libp2p pnet v1): our random 24-byte nonce
+    goes first, then everything both ways is XSalsa20 under the key. With or without
+    one, the peer's first bytes are checked (:class:`~.pnet.HandshakeCheck`), so a peer of
+    another swarm fails the dial at once with a :class:`~.pnet.SwarmMismatch` that names
+    the likely cause, instead of a handshake that waits for the dial timeout.
+    """
+
+    def __init__(self, conn: IRawConnection, key: SwarmKey | None) -> None:
+        self._conn = conn
+        self._key = key
+        self.is_initiator = conn.is_initiator
+        self._check = HandshakeCheck(key)
+        self._encrypt: XSalsa20 | None = None
+        self._decrypt: XSalsa20 | None = None
+
+    async def write(self, data: bytes) -> None:
+        if self._key is None:
+            await self._conn.write(data)
+        elif self._encrypt is None:
+            nonce = os.urandom(NONCE_BYTES)
+            self._encrypt = XSalsa20(self._key, nonce)
+            await self._conn.write(nonce + self._encrypt.apply(data))  # one segment, not two
+        else:
+            await self._conn.write(self._encrypt.apply(data))
+
+    async def read(self, n: int | None = None) -> bytes:
+        try:
+            return await self._read(n)
+        except SwarmMismatch as exc:
+            if not self.is_initiator:  # the dialler gets the error; the listener tells its log
+                logger.info("refused a connection from %s: %s", self._remote(), exc)
+            raise
+
+    async def _read(self, n: int | None) -> bytes:
+        if self._key is not None and self._decrypt is None:
+            nonce = b""
+            while len(nonce) < NONCE_BYTES:  # TCP may split it
+                chunk = await self._conn.read(NONCE_BYTES - len(nonce))
+                if not chunk:
+                    self._check.ended()
+                    return b""
+                self._check.nonce(nonce + chunk)
+                nonce += chunk
+            self._decrypt = XSalsa20(self._key, nonce)
+        data = await self._conn.read(n)
+        if not data:
+            self._check.ended()
+            return b""
+        if self._decrypt is not None:
+            data = self._decrypt.apply(data)
+        self._check.feed(data)
+        return data
+
+    def _remote(self) -> str:
+        address = self._conn.get_remote_address()
+        return f"{address[0]}:{address[1]}" if address else "an unknown address"
+
+    async def close(self) -> None:
+        await self._conn.close()
+
+    def get_remote_address(self) -> tuple[str, int] | None:
+        return self._conn.get_remote_address()
+
+    def get_transport_addresses(self) -> list[multiaddr.Multiaddr]:
+        return self._conn.get_transport_addresses()
+
+    def get_connection_type(self) -> ConnectionType:
+        return self._conn.get_connection_type()
+
+
+class _NoSwarmKey:
+    """The swarm's ``psk`` for a host in no private swarm: connections are still guarded."""
+
+
+_NO_SWARM_KEY = _NoSwarmKey()
+_stock_protected_conn = libp2p_swarm.new_protected_conn
+
+
+def _protected_conn(conn: IRawConnection, psk: Any) -> IRawConnection:
+    """What a swarm calls for every raw connection when its ``psk`` is set: ours for our
+    hosts, py-libp2p's own for the hex text its other users pass."""
+    if isinstance(psk, SwarmKey):
+        return _GuardedConnection(conn, psk)
+    if psk is _NO_SWARM_KEY:
+        return _GuardedConnection(conn, None)
+    return _stock_protected_conn(conn, psk)
+
+
+# The swarm looks this name up in its module on every connection; only swarms whose psk
+# is one of ours behave differently.
+libp2p_swarm.new_protected_conn = _protected_conn
+
+
+def _build_host(key: PrivateKey, listen: Sequence[multiaddr.Multiaddr], swarm_key: SwarmKey | None = None) -> BasicHost:
     key_pair = _key_pair(key)
     swarm = new_swarm(
         key_pair=key_pair,
@@ -190,6 +311,8 @@ def _build_host(key: PrivateKey, listen: Sequence[multiaddr.Multiaddr]) -> Basic
     # ConnectionConfig turns it off without also pruning our connections. Connections
     # are the DHT's business here, so it never dials.
     swarm.auto_connector.maybe_connect = _never_auto_dial
+    # pnet: every raw connection, both ways, goes through _protected_conn before Noise
+    swarm.psk = swarm_key if swarm_key is not None else _NO_SWARM_KEY
     # identify then advertises what listen_addrs() returns, never 0.0.0.0
     return BasicHost(network=swarm, addrs_factory=lambda addrs: [multiaddr.Multiaddr(a) for a in _advertised(addrs)])
 
@@ -461,8 +584,9 @@ class _ConnectionEvents(INotifee):
 class Libp2pHost(Host):
     """Our Host over a running py-libp2p BasicHost; made by :func:`open_libp2p_host`."""
 
-    def __init__(self, key: PrivateKey, basic: BasicHost, nursery: trio.Nursery) -> None:
+    def __init__(self, key: PrivateKey, basic: BasicHost, nursery: trio.Nursery, swarm_key: SwarmKey | None = None) -> None:
         self.peer_id = key.peer_id
+        self.swarm_key = swarm_key
         self._basic = basic
         self._network: Any = basic.get_network()  # the Swarm (its extras are not on INetwork)
         self._nursery = nursery
@@ -471,6 +595,7 @@ class Libp2pHost(Host):
         self._listeners = PeerListeners()
         self._identified: dict[PeerID, PeerInfo] = {}
         self._identifying: set[PeerID] = set()
+        self._dial_errors: dict[PeerID | None, list[SwarmMismatch]] = {}
         self._handlers: dict[str, StreamHandler] = {}
         # inbound streams: our negotiation (buffered reads, one write per answer) instead
         # of libp2p's, which reads byte by byte and sends a window update per byte
@@ -515,7 +640,14 @@ class Libp2pHost(Host):
         if self._connected(libp2p_peer):
             await trio.lowlevel.checkpoint()
             return
-        await dial_in_order(self._addrbook, peer, addrs, functools.partial(self._dial, libp2p_peer))
+        try:
+            await dial_in_order(self._addrbook, peer, addrs, functools.partial(self._dial, libp2p_peer))
+        except DialError as exc:
+            if any(isinstance(cause, SwarmMismatch) for cause in self._dial_errors.pop(peer, ())):
+                raise SwarmMismatch(str(exc)) from None
+            raise
+        finally:
+            self._dial_errors.pop(peer, None)
 
     async def new_stream(self, peer: PeerID, protocols: Sequence[str]) -> Stream:
         if not protocols:
@@ -564,6 +696,11 @@ class Libp2pHost(Host):
         try:
             await self._dial_libp2p(libp2p_peer, addr)
         except (P2PError, BaseLibp2pError, OSError, trio.TooSlowError) as exc:
+            mismatch = _swarm_mismatch(exc)
+            if mismatch is not None:
+                # kept so that connect() raises the typed error after the loop
+                self._dial_errors.setdefault(_from_libp2p(libp2p_peer), []).append(mismatch)
+                raise DialError(str(mismatch)) from None
             raise DialError(_dial_failure(exc)) from None
 
     async def _dial_libp2p(self, libp2p_peer: Libp2pID, addr: str) -> None:
@@ -666,8 +803,13 @@ class Libp2pHost(Host):
 
 
 @asynccontextmanager
-async def open_libp2p_host(key: PrivateKey, listen: Sequence[str] = DEFAULT_LISTEN) -> AsyncIterator[Host]:
+async def open_libp2p_host(
+    key: PrivateKey, listen: Sequence[str] = DEFAULT_LISTEN, *, swarm_key: SwarmKey | None = None
+) -> AsyncIterator[Host]:
     """``async with open_libp2p_host(key) as host``: a listening libp2p host.
+
+    With ``swarm_key`` the host belongs to a private swarm: it connects only to hosts
+    holding the same key (:mod:`modelnet.p2p.pnet`).
 
     Raises :class:`BadAddress` if an address does not parse or cannot be listened on.
     Leaving the block closes every connection and the listening sockets.
@@ -675,11 +817,11 @@ async def open_libp2p_host(key: PrivateKey, listen: Sequence[str] = DEFAULT_LIST
     if _libp2p_log_handler is None:  # keep a level the application chose
         take_over_libp2p_logging()
     listen_addrs = [_parse_addr(text) for text in listen]
-    basic = _build_host(key, listen_addrs)
+    basic = _build_host(key, listen_addrs, swarm_key)
     missing: set[str] = set()
     with unwrapping_groups():
         async with trio.open_nursery() as nursery:
-            host = Libp2pHost(key, basic, nursery)
+            host = Libp2pHost(key, basic, nursery, swarm_key)
             try:
                 async with basic.run(listen_addrs):
                     try:

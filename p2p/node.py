@@ -10,6 +10,7 @@ latency, failing over to the next one if a provider errs before its first chunk.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -18,9 +19,11 @@ from typing import Any, Callable, Mapping, Sequence
 import trio
 
 from modelnet.errors import unwrapping_groups
-from modelnet.identity import IdentityError, PeerID, PrivateKey
+from modelnet.identity import IdentityError, Membership, PeerID, PrivateKey, Revocation
 from modelnet.models.base import Backend
+from modelnet.protocols import access
 from modelnet.protocols import capability as cap
+from modelnet.protocols import private
 from modelnet.protocols import reason, session
 from modelnet.protocols.errors import ProtocolError
 
@@ -32,6 +35,7 @@ from .kad.dht import KademliaDHT
 from .kad.errors import RequestFailed as DHTRequestFailed
 from .routing import ProviderStats, rank_providers
 from .serving import ModelServer
+from .trust import Revocations, credentials_for
 
 __all__ = ["Answer", "Config", "NoProvider", "Node", "NodeError", "Provider", "RequestFailed"]
 
@@ -63,11 +67,16 @@ class RequestFailed(NodeError):
 
 @dataclasses.dataclass(frozen=True)
 class Provider:
-    """A provider found through the DHT, with its verified capability record."""
+    """A provider found through the DHT, with its verified capability record.
+
+    ``org`` is the organisation under whose private records it was found (None: found
+    publicly); the session offer then carries our certificate of that organisation.
+    """
 
     peer_id: PeerID
     record: cap.CapabilityRecord
     models: tuple[cap.ModelCapability, ...]
+    org: PeerID | None = None
 
     @property
     def addrs(self) -> tuple[str, ...]:
@@ -98,6 +107,9 @@ class Node:
         config: Config = Config(),
         *,
         wall_clock: Callable[[], float] = time.time,
+        memberships: Sequence[Membership] = (),
+        policies: Mapping[str, access.AccessPolicy] = {},
+        revocations: Sequence[Revocation] = (),
     ) -> None:
         if host.peer_id != key.peer_id:
             raise NodeError("the host runs under another key than the node")
@@ -106,17 +118,27 @@ class Node:
         self.config = config
         self.wall_clock = wall_clock
         self.backends = list(backends)
-        self.server = ModelServer(key, self.backends, config, wall_clock)
+        # trust (issue 3): organisations we belong to (certificates we present, records keys
+        # for private records), the policy of each served model (absent: public), and the
+        # revocation lists of the organisations those policies name.
+        self.memberships = list(memberships)
+        self.policies = {name: policy for name, policy in policies.items() if not policy.public}
+        self.revocations = Revocations(revocations)
+        self.server = ModelServer(key, self.backends, config, wall_clock, policies=self.policies, revocations=self.revocations)
         dht_config = dataclasses.replace(config.dht, client_mode=config.client_mode)
         self.dht = KademliaDHT(
             host,
             dht_config,
             wall_clock=wall_clock,
-            validators={cap.NODE_KEY_PREFIX: cap.NodeRecordValidator()},
+            validators={
+                cap.NODE_KEY_PREFIX: cap.NodeRecordValidator(),
+                access.RevocationValidator.prefix: access.RevocationValidator(),
+                private.PRIVATE_NODE_KEY_PREFIX: private.PrivateRecordValidator(),
+            },
         )
         self.stats: dict[PeerID, ProviderStats] = {}
         self._grants: dict[tuple[PeerID, str], session.Grant] = {}
-        self._records: dict[PeerID, tuple[float, cap.CapabilityRecord]] = {}
+        self._records: dict[tuple[PeerID, PeerID | None], tuple[float, cap.CapabilityRecord]] = {}  # (peer, org)
         self._providers: dict[str, tuple[float, list[Provider]]] = {}
         self._seq = 0
         self._nursery: trio.Nursery | None = None  # the serving nursery, for latency probes
@@ -136,8 +158,33 @@ class Node:
         return [full_address(a, self.peer_id) for a in self.host.listen_addrs()]
 
     def capability_record(self) -> cap.CapabilityRecord:
-        models = tuple(served.capability for served in self.server.models.values())
+        """The public record: the models with no access policy (a private model is never
+        advertised under public keys)."""
+        models = tuple(served.capability for name, served in self.server.models.items() if name not in self.policies)
         return cap.CapabilityRecord(peer_id=self.peer_id, addrs=tuple(self.host.listen_addrs()), models=models)
+
+    def private_records(self) -> list[tuple[Membership, cap.CapabilityRecord]]:
+        """For each organisation we hold a valid membership of, the record of the models
+        whose policy names it. Models whose policy names only organisations we are no
+        member of, or only peers, are advertised nowhere."""
+        now = self.wall_clock()
+        out: list[tuple[Membership, cap.CapabilityRecord]] = []
+        seen: set[PeerID] = set()
+        for membership in self._valid_memberships(now):
+            if membership.org in seen:
+                continue
+            seen.add(membership.org)
+            models = tuple(
+                served.capability
+                for name, served in self.server.models.items()
+                if name in self.policies and membership.org in self.policies[name].orgs
+            )
+            if models:
+                out.append((membership, cap.CapabilityRecord(peer_id=self.peer_id, addrs=tuple(self.host.listen_addrs()), models=models)))
+        return out
+
+    def _valid_memberships(self, now: float) -> list[Membership]:
+        return [m for m in self.memberships if now < m.certificate.expires]
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -170,6 +217,17 @@ class Node:
                     nursery.start_soon(self._warm_backends)
                     if serving:
                         nursery.start_soon(self._republish_loop)
+                    orgs = sorted({org for policy in self.policies.values() for org in policy.orgs})
+                    if serving and orgs:
+                        await nursery.start(
+                            functools.partial(
+                                self.revocations.serve_refresh,
+                                self.dht,
+                                orgs,
+                                interval=self.config.revocation_refresh or self.config.republish_interval,
+                                wall_clock=self.wall_clock,
+                            )
+                        )
                     await trio.sleep_forever()
             finally:
                 self._nursery = None
@@ -185,17 +243,31 @@ class Node:
         return await self.dht.bootstrap([(peer, [addr]) for addr, peer in peers])
 
     async def publish(self) -> int:
-        """Sign and store our capability record; register as provider for each tag.
+        """Sign and store our capability records; register as provider for each tag.
 
+        Public models go under the public keys; each organisation's private models under
+        that organisation's private keys only, sealed (:mod:`modelnet.protocols.private`).
         Returns the fewest peers any of those records reached (the replication achieved).
         """
         record = self.capability_record()
         now = self.wall_clock()
         # A sequence number that grows across restarts without state on disk.
         self._seq = max(self._seq + 1, int(now * 1000))
-        signed = record.sign(self.key, seq=self._seq, expires=now + self.config.record_ttl)
-        encoded = signed.encode()
-        tags = sorted(record.capability_tags())
+        expires = now + self.config.record_ttl
+        # (DHT key, value) to store and provider keys to announce
+        values: list[tuple[bytes, bytes]] = []
+        provider_keys: list[bytes] = []
+        if record.models or not self.policies:
+            values.append((cap.node_record_key(self.peer_id), record.sign(self.key, seq=self._seq, expires=expires).encode()))
+            provider_keys.extend(cap.capability_key(tag) for tag in sorted(record.capability_tags()))
+        for membership, private_record in self.private_records():
+            dht_key, sealed = private.seal_record(
+                self.key, private_record, records_key=membership.records_key, seq=self._seq, expires=expires
+            )
+            values.append((dht_key, sealed.encode()))
+            provider_keys.extend(
+                private.private_capability_key(membership.records_key, tag) for tag in sorted(private_record.capability_tags())
+            )
         reached: list[int] = []
 
         async def store(work, key: bytes, *args) -> None:
@@ -203,12 +275,17 @@ class Node:
 
         with unwrapping_groups():
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(store, self.dht.put_value, cap.node_record_key(self.peer_id), encoded)
-                for tag in tags:
-                    nursery.start_soon(store, self.dht.provide, cap.capability_key(tag))
-        logger.info("published %d capability tags for %s (replicas: %d)", len(tags), self.peer_id, min(reached))
+                for key, value in values:
+                    nursery.start_soon(store, self.dht.put_value, key, value)
+                for key in provider_keys:
+                    nursery.start_soon(store, self.dht.provide, key)
+        replicas = min(reached, default=0)
+        logger.info(
+            "published %d capability records and %d provider keys for %s (replicas: %d)",
+            len(values), len(provider_keys), self.peer_id, replicas,
+        )  # fmt: skip
         self._published.set()
-        return min(reached)
+        return replicas
 
     async def wait_published(self) -> None:
         await self._published.wait()
@@ -248,43 +325,64 @@ class Node:
     async def find(self, capability: str, *, fresh: bool = False) -> list[Provider]:
         """Providers of ``capability`` whose signed records verify, in routing order.
 
-        A recent answer is reused for ``Config.provider_cache_ttl`` unless ``fresh``.
+        Looks up the public key of the tag and, for every organisation we are a member
+        of, its private key, all at once; privately found providers carry their ``org``.
+        A provider found several ways is one provider (its models merged). A recent
+        answer is reused for ``Config.provider_cache_ttl`` unless ``fresh``.
         """
         tag = cap.normalize_tag(capability)
         cached = self._providers.get(tag)
         now = trio.current_time()
         if cached and not fresh and cached[0] > now:
             return rank_providers(cached[1], self.stats, key=lambda p: p.peer_id, now=now)
-        found = await self.dht.find_providers(cap.capability_key(tag), count=self.config.max_providers)
-        providers: list[Provider] = []
+        searches: list[tuple[Membership | None, bytes]] = [(None, cap.capability_key(tag))]
+        searches += [(m, private.private_capability_key(m.records_key, tag)) for m in self._valid_memberships(self.wall_clock())]
+        found: dict[PeerID, Provider] = {}
 
-        async def fetch(peer: PeerID, addrs: list[str]) -> None:
+        async def fetch(peer: PeerID, addrs: list[str], membership: Membership | None) -> None:
             if addrs:
                 self.host.add_addrs(peer, addrs)
-            record = await self._record_of(peer)
+            record = await self._record_of(peer, membership)
             if record is None:
                 return
             models = record.models_for(tag)
-            if models:
-                providers.append(Provider(peer, record, models))
-            else:
+            if not models:
                 logger.info("%s registered for %s but its record does not offer it", peer.short(), tag)
+                return
+            provider = Provider(peer, record, models, membership.org if membership else None)
+            known = found.get(peer)
+            if known is not None:  # found publicly and privately, or through two organisations
+                names = {m.name for m in known.models}
+                provider = dataclasses.replace(
+                    known, models=known.models + tuple(m for m in models if m.name not in names), org=known.org or provider.org
+                )
+            found[peer] = provider
+
+        async def search(membership: Membership | None, key: bytes) -> None:
+            peers = await self.dht.find_providers(key, count=self.config.max_providers)
+            async with trio.open_nursery() as nursery:
+                for peer, addrs in peers:
+                    if peer != self.peer_id:
+                        nursery.start_soon(fetch, peer, addrs, membership)
 
         with unwrapping_groups():
             async with trio.open_nursery() as nursery:
-                for peer, addrs in found:
-                    if peer != self.peer_id:
-                        nursery.start_soon(fetch, peer, addrs)
+                for membership, key in searches:
+                    nursery.start_soon(search, membership, key)
+        providers = list(found.values())
         if providers:
             self._providers[tag] = (trio.current_time() + self.config.provider_cache_ttl, providers)
         return rank_providers(providers, self.stats, key=lambda p: p.peer_id, now=trio.current_time())
 
-    async def _record_of(self, peer: PeerID) -> cap.CapabilityRecord | None:
+    async def _record_of(self, peer: PeerID, membership: Membership | None = None) -> cap.CapabilityRecord | None:
+        """``peer``'s verified record: the public one, or the one it sealed for the
+        organisation of ``membership``. None (logged) if it cannot be had or does not verify."""
         now = self.wall_clock()
-        cached = self._records.get(peer)
+        org = membership.org if membership is not None else None
+        cached = self._records.get((peer, org))
         if cached and cached[0] > now:
             return cached[1]
-        key = cap.node_record_key(peer)
+        key = cap.node_record_key(peer) if membership is None else private.private_node_key(membership.records_key, peer)
         try:
             with trio.fail_after(self.config.network_timeout):
                 # The provider holds its own record: one round trip to it, and the DHT
@@ -300,11 +398,15 @@ class Node:
         if value is None:
             return None
         try:
-            signed, record = cap.open_capability_record(value, now=now, peer=peer)
+            if membership is None:
+                signed, record = cap.open_capability_record(value, now=now, peer=peer)
+            else:
+                signed, record = private.open_private_record(value, records_key=membership.records_key, now=now, peer=peer)
         except (IdentityError, ProtocolError) as exc:
-            logger.warning("dropping record of %s: %s", peer.short(), exc)
+            where = f" for {membership.org_name} ({org.short()})" if org is not None else ""
+            logger.warning("dropping record of %s%s: %s", peer.short(), where, exc)
             return None
-        self._records[peer] = (signed.expires, record)
+        self._records[(peer, org)] = (signed.expires, record)
         if record.addrs:
             self.host.add_addrs(peer, list(record.addrs))
         return record
@@ -390,7 +492,7 @@ class Node:
             nonlocal pending
             self._probing.add(provider.peer_id)
             try:
-                await self._grant_for(provider.peer_id, capability)
+                await self._grant_for(provider.peer_id, capability, org=provider.org)
                 answered.set()
             except _ProviderFailed as exc:
                 logger.info("session with %s failed: %s", provider.peer_id.short(), exc)
@@ -415,8 +517,12 @@ class Node:
             stats = self.stats[peer] = ProviderStats()
         return stats
 
-    async def _grant_for(self, peer: PeerID, capability: str) -> session.Grant:
-        """A session grant for ``capability`` from ``peer``: cached, or negotiated now."""
+    async def _grant_for(self, peer: PeerID, capability: str, *, org: PeerID | None = None) -> session.Grant:
+        """A session grant for ``capability`` from ``peer``: cached, or negotiated now.
+
+        The offer carries our certificate for ``org`` (the organisation under which the
+        provider was found privately) or, when that is unknown, all our valid ones.
+        """
         now = self.wall_clock()
         grant = self._grants.get((peer, capability))
         # Keep a margin so a grant does not expire between our check and the provider's.
@@ -428,7 +534,8 @@ class Node:
         try:
             with trio.fail_after(self.config.network_timeout):
                 async with open_stream(self.host, peer, session.SESSION_PROTOCOL) as stream:
-                    await stream.write(client.send_offer(capability))
+                    credentials = credentials_for(self.memberships, None if org is None else (org,), now=now)
+                    await stream.write(client.send_offer(capability, credentials))
                     event = await next_event(stream, client)
         except trio.TooSlowError:
             stats.record_failure(trio.current_time())
@@ -445,7 +552,7 @@ class Node:
     async def _ask_provider(self, provider: Provider, ask: _Ask) -> Answer:
         peer = provider.peer_id
         cached = (peer, ask.capability) in self._grants
-        grant = await self._grant_for(peer, ask.capability)
+        grant = await self._grant_for(peer, ask.capability, org=provider.org)
         try:
             return await self._request(peer, grant, ask)
         except _GrantRejected:
@@ -453,7 +560,7 @@ class Node:
                 raise
             # A grant we had cached was refused (it expired early, the provider restarted):
             # one new session, then the request once more.
-            return await self._request(peer, await self._grant_for(peer, ask.capability), ask)
+            return await self._request(peer, await self._grant_for(peer, ask.capability, org=provider.org), ask)
 
     async def _request(self, peer: PeerID, grant: session.Grant, ask: _Ask) -> Answer:
         capability, deadline, on_chunk = ask.capability, ask.deadline, ask.on_chunk

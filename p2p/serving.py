@@ -5,6 +5,15 @@ with the limits it will be held to) or a typed refusal; a request is checked (de
 limit, loop, grant, per-peer and total load, input size) before any model runs; the work
 stops at the deadline (capped by ``max_request_seconds``) or when the asker resets the
 stream, and the answer ends with a signed receipt.
+
+Models may have an access policy (:mod:`modelnet.protocols.access`). A session offer's
+credentials are checked against the policies of the models matching its capability: a
+peer admitted by none of them is refused ``FORBIDDEN`` with the reason; otherwise the grant
+lists no models, but its expiry never outlives the certificate that admitted the peer. The
+certificates a peer proved are remembered (per peer and organisation, bounded), and every
+request is checked again against the policy of the model it would run, so a revoked or
+expired member's grants stop working, and a grant obtained for a public model does not open
+a private one.
 """
 
 from __future__ import annotations
@@ -12,15 +21,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections import Counter
-from typing import Any, Callable, Sequence
+import math
+from collections import Counter, OrderedDict
+from typing import Any, Callable, Mapping, Sequence
 
 import trio
 
-from modelnet.identity import IdentityError, PeerID, PrivateKey
+from modelnet.identity import IdentityError, MembershipCertificate, PeerID, PrivateKey
 from modelnet.models.base import Backend, InvalidInput, ModelError, ModelInfo, UnknownModel, UpstreamBusy, UpstreamError
 from modelnet.models.base import Chunk as ModelChunk
 from modelnet.models.base import Output as ModelOutput
+from modelnet.protocols import access
 from modelnet.protocols import capability as cap
 from modelnet.protocols import reason, session
 from modelnet.protocols.errors import ProtocolError
@@ -29,8 +40,11 @@ from .config import Config
 from .errors import P2PError, StreamClosed
 from .exchange import clip, closing, next_event, send_quietly
 from .host import Stream
+from .trust import PolicyError, Revocations
 
 logger = logging.getLogger(__name__)
+
+MAX_REMEMBERED_MEMBERS = 4096  # peers whose proven certificates we keep (least recent dropped)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +70,16 @@ def model_capability(info: ModelInfo) -> cap.ModelCapability:
 class ModelServer:
     """Answers ``/modelnet/session/1.0.0`` and ``/modelnet/reason/1.0.0`` streams."""
 
-    def __init__(self, key: PrivateKey, backends: Sequence[Backend], config: Config, wall_clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        key: PrivateKey,
+        backends: Sequence[Backend],
+        config: Config,
+        wall_clock: Callable[[], float],
+        *,
+        policies: Mapping[str, access.AccessPolicy] = {},
+        revocations: Revocations | None = None,
+    ) -> None:
         self.key = key
         self.config = config
         self.wall_clock = wall_clock
@@ -64,6 +87,13 @@ class ModelServer:
         for backend in backends:
             for info in backend.models():
                 self.models[info.name] = ServedModel(model_capability(info), info, backend)
+        unknown = sorted(set(policies) - set(self.models))
+        if unknown:
+            raise PolicyError(f"access policy for model(s) this node does not serve: {', '.join(unknown)}")
+        self.policies = {name: policy for name, policy in policies.items() if not policy.public}
+        self.revocations = revocations if revocations is not None else Revocations()
+        # peer -> org -> the newest certificate it proved (only orgs some policy names)
+        self._members: OrderedDict[PeerID, dict[PeerID, MembershipCertificate]] = OrderedDict()
         self.in_flight = 0
         self._in_flight_by_peer: Counter[PeerID] = Counter()
         self._minute: tuple[int, Counter[PeerID]] = (-1, Counter())
@@ -95,6 +125,14 @@ class ModelServer:
             if not models:
                 await send_quietly(stream, provider.send_refusal(session.NO_SUCH_CAPABILITY, f"this node does not serve {tag!r}"))
                 return
+            now = self.wall_clock()
+            certificates, denials = self._remember(remote, offer.credentials, now)
+            try:
+                models, until = self._admitted(models, remote, certificates, now, denials)
+            except access.AccessDenied as exc:
+                logger.info("refused %s access to %s: %s", remote.short(), tag, exc)
+                await send_quietly(stream, provider.send_refusal(session.FORBIDDEN, clip(exc, session.MAX_REASON_CHARS)))
+                return
             limits = session.Limits(
                 max_concurrent=self.config.max_requests_per_peer,
                 max_input_bytes=max(m.info.max_input_bytes for m in models),
@@ -103,11 +141,68 @@ class ModelServer:
             data, _ = provider.send_grant(
                 capability=tag,
                 limits=limits,
-                expires=self.wall_clock() + self.config.session_ttl,
+                expires=min(now + self.config.session_ttl, until),
                 queue=self.in_flight,
                 capacity=self.config.max_concurrent_requests,
             )
             await send_quietly(stream, data)
+
+    def _remember(
+        self, peer: PeerID, credentials: Sequence[bytes], now: float
+    ) -> tuple[list[MembershipCertificate], list[access.Denial]]:
+        """Open the offered certificates; keep those of organisations our policies name."""
+        if not self.policies:
+            return [], []
+        fresh, denials = access.open_credentials(credentials, peer=peer, now=now)
+        orgs = {org for policy in self.policies.values() for org in policy.orgs}
+        held = self._members.pop(peer, {})
+        for certificate in fresh:
+            old = held.get(certificate.org)
+            if certificate.org in orgs and (old is None or certificate.expires >= old.expires):
+                held[certificate.org] = certificate
+        held = {org: c for org, c in held.items() if c.expires > now}
+        if held:
+            self._members[peer] = held
+            while len(self._members) > MAX_REMEMBERED_MEMBERS:
+                self._members.popitem(last=False)
+        return list(held.values()) + [c for c in fresh if c.org not in orgs], denials
+
+    def _admitted(
+        self,
+        models: Sequence[ServedModel],
+        peer: PeerID,
+        certificates: Sequence[MembershipCertificate],
+        now: float,
+        denials: Sequence[access.Denial] = (),
+    ) -> tuple[list[ServedModel], float]:
+        """The models ``peer`` may use, and until when (the admitting certificates' expiry).
+
+        :class:`access.AccessDenied` (the first model's reason) if none.
+        """
+        allowed: list[ServedModel] = []
+        until = math.inf
+        refusal: access.AccessDenied | None = None
+        for served in models:
+            policy = self.policies.get(served.info.name, access.PUBLIC)
+            try:
+                certificate = access.admit(
+                    policy,
+                    peer=peer,
+                    certificates=certificates,
+                    now=now,
+                    is_revoked=self.revocations.is_revoked,
+                    denials=denials,
+                )
+            except access.AccessDenied as exc:
+                refusal = refusal or exc
+                continue
+            allowed.append(served)
+            if certificate is not None:
+                until = min(until, certificate.expires)
+        if not allowed:
+            assert refusal is not None
+            raise refusal
+        return allowed, until
 
     # -- requests -----------------------------------------------------------------------
 
@@ -124,21 +219,22 @@ class ModelServer:
                 with trio.move_on_after(self.config.network_timeout):
                     await send_quietly(stream, server.send(reason.Error(reason.INVALID_INPUT, f"malformed request: {why}", False)))
                 return
-            error = self._check(request, remote)
-            if error is not None:
-                await send_quietly(stream, server.send(error))
+            checked = self._check(request, remote)
+            if isinstance(checked, reason.Error):
+                await send_quietly(stream, server.send(checked))
                 return
             self.in_flight += 1
             self._in_flight_by_peer[remote] += 1
             try:
-                await self._serve(stream, server, request, remote)
+                await self._serve(stream, server, request, remote, checked)
             finally:
                 self.in_flight -= 1
                 self._in_flight_by_peer[remote] -= 1
                 if not self._in_flight_by_peer[remote]:
                     del self._in_flight_by_peer[remote]
 
-    def _check(self, request: reason.Request, remote: PeerID) -> reason.Error | None:
+    def _check(self, request: reason.Request, remote: PeerID) -> reason.Error | ServedModel:
+        """The model that will answer ``request``, or the error that refuses it."""
         now = self.wall_clock()
         if request.deadline <= now:
             return reason.Error(reason.DEADLINE_EXCEEDED, "the request's deadline has passed", False)
@@ -162,10 +258,15 @@ class ModelServer:
         models = self.matching(capability, request.model)
         if not models:
             return reason.Error(reason.NO_SUCH_CAPABILITY, f"no model here serves {capability!r}", True)
-        limit = models[0].info.max_input_bytes
+        try:
+            served = self._admitted(models, remote, list(self._members.get(remote, {}).values()), now)[0][0]
+        except access.AccessDenied as exc:
+            # Retryable: the asker negotiates a new session, which says why if it fails too.
+            return reason.Error(reason.UNAUTHORIZED, clip(f"forbidden: {exc}", reason.MAX_MESSAGE_CHARS), True)
+        limit = served.info.max_input_bytes
         if len(request.input.encode()) > limit:
             return reason.Error(reason.INVALID_INPUT, f"input exceeds {limit} bytes", False)
-        return None
+        return served
 
     def _count_this_minute(self, peer: PeerID, now: float) -> bool:
         minute, counts = self._minute
@@ -176,8 +277,9 @@ class ModelServer:
         counts[peer] += 1
         return True
 
-    async def _serve(self, stream: Stream, server: reason.ReasonServer, request: reason.Request, remote: PeerID) -> None:
-        served = self.matching(request.capability, request.model)[0]
+    async def _serve(
+        self, stream: Stream, server: reason.ReasonServer, request: reason.Request, remote: PeerID, served: ServedModel
+    ) -> None:
         started = trio.current_time()
         budget = min(request.deadline - self.wall_clock(), self.config.max_request_seconds)
         output: Any = None

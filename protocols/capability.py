@@ -239,14 +239,11 @@ class NodeRecordValidator:
 
         Values that don't decode, or aren't signed by the key's peer, rank last.
         """
-        if not values:
-            raise LocalProtocolError("select needs at least one value")
         try:
             peer = self._peer(key)
         except (RemoteProtocolError, IdentityError):
             peer = None
-        ranks = [self._rank(value, peer) for value in values]
-        return max(range(len(values)), key=ranks.__getitem__)
+        return select_newest(values, domain=DOMAIN, type=CAPABILITY_TYPE, signer=peer)
 
     @staticmethod
     def _peer(key: bytes) -> PeerID:
@@ -254,11 +251,21 @@ class NodeRecordValidator:
             raise RemoteProtocolError(f"not a node record key: {key!r}")
         return PeerID.from_bytes(key[len(NODE_KEY_PREFIX) :])
 
-    @staticmethod
-    def _rank(value: bytes, peer: PeerID | None) -> tuple[int, int, float]:
+
+def select_newest(values: list[bytes], *, domain: str, type: str, signer: PeerID | None) -> int:
+    """The DHT validators' choice: the index of the signed record with the highest seq, then
+    the latest expiry, first one on a tie; values that don't decode or aren't signed by
+    ``signer`` (in ``domain``/``type``) rank last. Expiry is not judged here."""
+    if not values:
+        raise LocalProtocolError("select needs at least one value")
+
+    def rank(value: bytes) -> tuple[int, int, float]:
         try:
             record = SignedRecord.decode(value)
-            record.verify_signature(domain=DOMAIN, type=CAPABILITY_TYPE, signer=peer)
+            record.verify_signature(domain=domain, type=type, signer=signer)
         except IdentityError:
             return (0, 0, -math.inf)
         return (1, record.seq, record.expires)
+
+    ranks = [rank(value) for value in values]
+    return max(range(len(values)), key=ranks.__getitem__)

@@ -13,15 +13,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from typing import AsyncIterator, Callable, Sequence
+from typing import AsyncIterator, Callable, Mapping, Sequence
 
 import trio
 
 from modelnet.errors import unwrapping_groups
-from modelnet.identity import PrivateKey
+from modelnet.identity import Membership, PrivateKey
 from modelnet.models.base import Backend
 from modelnet.p2p.host import Host
 from modelnet.p2p.node import Config, Node
+from modelnet.protocols.access import AccessPolicy
 
 # Virtual wall-clock origin for the memory network: records carry absolute expiries, so
 # every node of a simulated network must agree on a wall clock that follows trio's clock.
@@ -41,8 +42,18 @@ def virtual_wall_clock() -> float:
     return EPOCH + trio.current_time()
 
 
-def _node(host: Host, key: PrivateKey, backends, config: Config, wall_clock: Callable[[], float] | None) -> Node:
-    return Node(host, key, backends, config, wall_clock=wall_clock or time.time)
+def _node(
+    host: Host,
+    key: PrivateKey,
+    backends,
+    config: Config,
+    wall_clock: Callable[[], float] | None,
+    memberships: Sequence[Membership] = (),
+    policies: Mapping[str, AccessPolicy] = {},
+) -> Node:
+    return Node(
+        host, key, backends, config, wall_clock=wall_clock or time.time, memberships=memberships, policies=policies
+    )
 
 
 @dataclasses.dataclass
@@ -65,11 +76,16 @@ async def open_node(
     bootstrap: Sequence[str] = (),
     wall_clock: Callable[[], float] | None = None,
     publish: bool = True,
+    memberships: Sequence[Membership] = (),
+    policies: Mapping[str, AccessPolicy] = {},
 ) -> AsyncIterator[Node]:
-    """One running node: host up, serving, joined through ``bootstrap``, published."""
+    """One running node: host up, serving, joined through ``bootstrap``, published.
+
+    ``memberships`` and ``policies`` are the node's organisations and access policies.
+    """
     with unwrapping_groups():
         async with host_factory(key) as host:
-            node = _node(host, key, backends, config, wall_clock)
+            node = _node(host, key, backends, config, wall_clock, memberships, policies)
             async with trio.open_nursery() as nursery:
                 await nursery.start(node.serve, bootstrap)
                 if publish and node.server.models and not config.client_mode:
@@ -90,17 +106,28 @@ async def open_swarm(
     wall_clock: Callable[[], float] | None = None,
     concurrency: int = 16,
     key_for: Callable[[int], PrivateKey] | None = None,
+    memberships_for: Callable[[int], Sequence[Membership]] = lambda i: (),
+    policies_for: Callable[[int], Mapping[str, AccessPolicy]] = lambda i: {},
 ) -> AsyncIterator[Swarm]:
     """``n`` nodes joined through node 0, each published before this yields.
 
     Nodes join concurrently (at most ``concurrency`` at once), as volunteers would.
+    ``memberships_for(i)`` and ``policies_for(i)`` give node ``i`` its organisations and
+    the access policies of its models.
     """
     nodes: list[Node | None] = [None] * n
     key_for = key_for or (lambda i: seeded_key(i, seed))
 
     async def run_node(i: int, bootstrap: Sequence[str], *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with open_node(
-            host_factory, key_for(i), backends_for(i), config, bootstrap=bootstrap, wall_clock=wall_clock
+            host_factory,
+            key_for(i),
+            backends_for(i),
+            config,
+            bootstrap=bootstrap,
+            wall_clock=wall_clock,
+            memberships=memberships_for(i),
+            policies=policies_for(i),
         ) as node:
             nodes[i] = node
             task_status.started()
@@ -133,13 +160,24 @@ async def open_memory_swarm(
     seed: int = 0,
     latency: float = 0.0,
     loss: float = 0.0,
+    key_for: Callable[[int], PrivateKey] | None = None,
+    memberships_for: Callable[[int], Sequence[Membership]] = lambda i: (),
+    policies_for: Callable[[int], Mapping[str, AccessPolicy]] = lambda i: {},
 ) -> AsyncIterator[Swarm]:
     """A swarm on the in-memory network with the virtual wall clock."""
     from modelnet.p2p.memory import MemoryNetwork
 
     network = MemoryNetwork(latency=latency, loss=loss, seed=seed)
     async with open_swarm(
-        n, network.open_host, backends_for=backends_for, config=config, seed=seed, wall_clock=virtual_wall_clock
+        n,
+        network.open_host,
+        backends_for=backends_for,
+        config=config,
+        seed=seed,
+        wall_clock=virtual_wall_clock,
+        key_for=key_for,
+        memberships_for=memberships_for,
+        policies_for=policies_for,
     ) as swarm:
         swarm.network = network
         yield swarm

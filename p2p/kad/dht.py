@@ -110,9 +110,10 @@ class Config:
     reuse it."""
     max_pooled_streams: int = 256
     """Outbound streams kept open for reuse, one per peer, least recently used dropped first."""
-    provider_prefixes: tuple[bytes, ...] = (b"/modelnet/cap/",)
-    """ADD_PROVIDER is accepted (and provide() allowed) only for keys under these prefixes,
-    so no one can fill the provider store with keys no one looks up."""
+    provider_prefixes: tuple[bytes, ...] = (b"/modelnet/cap/", b"/modelnet/pcap/")
+    """ADD_PROVIDER is accepted (and provide() allowed) only for keys under these prefixes
+    (public capability tags, and organisations' private ones), so no one can fill the
+    provider store with keys no one looks up."""
 
     def __post_init__(self) -> None:
         if self.k < 1 or self.alpha < 1 or self.quorum < 1:
