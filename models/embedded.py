@@ -2,7 +2,7 @@
 
 ``EmbeddedBackend`` serves four small CPU models whose data ships inside their packages:
 VADER sentiment, langid language identification, YAKE keywords and our own TextRank
-summariser. Heavy state (langid's model takes ~1.4 s to decode) is loaded once per process,
+summariser, and two aggregators for plans (a judge and a synthesiser, models/aggregators.py). Heavy state (langid's model takes ~1.4 s to decode) is loaded once per process,
 lazily and under a lock, by whichever call needs it first, so with ``offload=True`` the load
 also happens off the event loop.
 """
@@ -22,7 +22,7 @@ from typing import Any, Generic, TypeVar
 
 import trio
 
-from . import summarize
+from . import aggregators, summarize
 from .base import (
     Backend,
     Chunk,
@@ -270,12 +270,40 @@ EMBEDDED_MODELS: dict[str, _Model] = {
             _summary,
             None,
         ),
+        # Aggregators for plans (models/aggregators.py): they read a candidates document.
+        _Model(
+            ModelInfo(
+                "tfidf-judge",
+                "judge",
+                ("aggregator", "plan", "similarity"),
+                "Judge for plan ensembles: picks the candidate most similar to the others "
+                "(TF-IDF cosine medoid); answers {choice, scores}.",
+                max_input_bytes=aggregators.MAX_AGGREGATOR_INPUT,
+            ),
+            aggregators.judge_params,
+            aggregators.judge,
+            None,
+        ),
+        _Model(
+            ModelInfo(
+                "textrank-synthesis",
+                "synthesize",
+                ("aggregator", "plan", "extractive"),
+                "Synthesis for plan ensembles: the most central sentences across all "
+                "candidates (TextRank); param sentences (default 3).",
+                max_input_bytes=aggregators.MAX_AGGREGATOR_INPUT,
+                streaming=True,
+            ),
+            aggregators.synthesis_params,
+            aggregators.synthesize,
+            None,
+        ),
     )
 }
 
 
 class EmbeddedBackend(Backend):
-    """The four embedded models, or the subset named in ``models``.
+    """The embedded models, or the subset named in ``models``.
 
     ``offload=True`` runs each model call in ``trio.to_thread.run_sync`` so the event loop
     keeps serving; ``offload=False`` runs it inline, which tests under ``autojump_clock``
