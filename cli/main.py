@@ -4,6 +4,8 @@
     modelnet node [--bootstrap ADDR]      run a node that serves the embedded models
     modelnet find CAPABILITY              list verified providers of a capability
     modelnet ask CAPABILITY TEXT          route a request to the best provider
+    modelnet ask --via ADDR CAP TEXT      send it through a forwarding peer, no DHT of our own
+    modelnet ask --plan FILE TEXT         run a collaborative plan (YAML/JSON) on TEXT
     modelnet demo                         a local network on loopback, end to end
     modelnet swarm-key FILE               make a pre-shared key that closes a private swarm
     modelnet org create|issue|join|revoke|show   organisations and memberships
@@ -153,18 +155,31 @@ def cmd_node(args: argparse.Namespace) -> int:
     backends = load_backends(specs)
     from .org import installed_memberships, owned_revocations
 
+    upstream = _full_addrs(args.upstream or [])
     trust = dict(memberships=installed_memberships(home, now=time.time()), revocations=owned_revocations(home, now=time.time()))
-    trio.run(_run_node, key, listen, backends, bootstrap, args, specs, trust)
+    trio.run(_run_node, key, listen, backends, bootstrap, args, specs, trust, upstream)
     return EXIT_OK
 
 
-async def _run_node(key, listen, backends, bootstrap, args, specs, trust) -> None:
+def _full_addrs(addrs: Sequence[str]) -> list[str]:
+    from modelnet.p2p.errors import BadAddress
+    from modelnet.p2p.host import split_full_address
+
+    for addr in addrs:
+        try:
+            split_full_address(addr)
+        except BadAddress as exc:
+            raise CliError(str(exc), EXIT_USAGE) from None
+    return list(addrs)
+
+
+async def _run_node(key, listen, backends, bootstrap, args, specs, trust, upstream=()) -> None:
     import trio
 
     from modelnet.models.base import UpstreamError
     from modelnet.models.registry import discover_models
     from modelnet.p2p.libp2p_host import open_libp2p_host
-    from modelnet.p2p.node import Node
+    from modelnet.p2p.node import Config, Node
 
     progress = render.Progress(sys.stderr)
     http = gateway_cli.gateway_config(args) if args.http else None
@@ -178,7 +193,8 @@ async def _run_node(key, listen, backends, bootstrap, args, specs, trust) -> Non
 
     policies = parse_policies(args.policy or [], {info.name for backend in backends for info in backend.models()})
     async with open_libp2p_host(key, listen, swarm_key=swarm_key(args)) as host:
-        node = Node(host, key, backends, memberships=trust["memberships"], policies=policies, revocations=trust["revocations"])
+        config = Config(forwarding=args.forward or bool(upstream), upstream=tuple(upstream))
+        node = Node(host, key, backends, config, memberships=trust["memberships"], policies=policies, revocations=trust["revocations"])
         for addr in node.addrs:
             print(f"listening on {addr}", flush=True)
         async with trio.open_nursery() as nursery:
@@ -217,9 +233,24 @@ def cmd_find(args: argparse.Namespace) -> int:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
+    if args.plan is not None:
+        # With a plan the one positional argument is the text.
+        if args.text is not None or args.capability is None:
+            raise CliError("with --plan, give only the text: modelnet ask --plan FILE TEXT", EXIT_USAGE)
+        if args.model or args.param:
+            raise CliError("--model and --param go into the plan file's steps, not beside --plan", EXIT_USAGE)
+        args.text, args.capability = args.capability, None
+        from .plan_file import PlanFileError, load_plan_file
+
+        try:
+            args.plan_tree = load_plan_file(args.plan)
+        except PlanFileError as exc:
+            raise CliError(str(exc), EXIT_USAGE) from None
+    elif args.capability is None or args.text is None:
+        raise CliError("ask needs a capability and a text (or --plan FILE and a text)", EXIT_USAGE)
     if not args.text.strip():
         raise CliError("the text to ask about is empty", EXIT_USAGE)
-    return _run_client(args, _ask)
+    return _run_client(args, _ask_plan if args.plan is not None else _ask)
 
 
 def _run_client(args: argparse.Namespace, action) -> int:
@@ -229,10 +260,14 @@ def _run_client(args: argparse.Namespace, action) -> int:
     from modelnet.protocols.errors import ProtocolError
 
     try:
-        normalize_tag(args.capability)
+        if args.capability is not None:  # None with --plan
+            normalize_tag(args.capability)
     except ProtocolError as exc:
         raise CliError(f"bad capability {args.capability!r}: {exc}", EXIT_USAGE) from None
     config = load_config(home_dir(args))
+    via = _full_addrs(getattr(args, "via", None) or [])
+    if via:  # a light client with no DHT: the forwarder routes for us
+        return trio.run(_via_session, args, via, action)
     bootstrap = bootstrap_addrs(args, config)
     if not bootstrap:
         raise CliError("no bootstrap address: pass --bootstrap /ip4/…/tcp/…/p2p/… (or set MODELNET_BOOTSTRAP)", EXIT_USAGE)
@@ -270,6 +305,18 @@ async def _client_session(args: argparse.Namespace, bootstrap: list[str], action
             return code
 
 
+async def _via_session(args: argparse.Namespace, via: list[str], action) -> int:
+    from modelnet.identity import PrivateKey
+    from modelnet.p2p.libp2p_host import open_libp2p_host
+    from modelnet.p2p.node import Config, Node
+
+    key = PrivateKey.generate()
+    progress = render.Progress(sys.stderr, quiet=args.json)
+    async with open_libp2p_host(key, [DEFAULT_LISTEN]) as host:
+        node = Node(host, key, (), Config(client_mode=True))
+        return await action(node, args, progress)
+
+
 async def _find(node, args: argparse.Namespace, progress: render.Progress) -> int:
     import trio
 
@@ -299,7 +346,9 @@ async def _ask(node, args: argparse.Namespace, progress: render.Progress) -> int
 
     progress.step(f"asking {args.capability}")
     try:
-        answer = await node.ask(args.capability, args.text, params, model=args.model, timeout=args.timeout, on_chunk=on_chunk)
+        answer = await node.ask(
+            args.capability, args.text, params, model=args.model, timeout=args.timeout, on_chunk=on_chunk, via=args.via or ()
+        )
     except NoProvider as exc:
         raise CliError(str(exc), EXIT_NO_PROVIDER) from None
     except RequestFailed as exc:
@@ -308,13 +357,34 @@ async def _ask(node, args: argparse.Namespace, progress: render.Progress) -> int
         details = "; ".join(f"{peer.short()}: {why}" for peer, why in exc.errors) if len(exc.errors) > 1 else ""
         code = EXIT_USAGE if exc.code == INVALID_INPUT else EXIT_NETWORK
         raise CliError(f"{exc}" + (f" ({details})" if details else ""), code) from None
-    progress.done(f"answered by {answer.provider} ({answer.model}) in {answer.elapsed * 1000:.0f} ms")
+    through = f" via {' -> '.join(peer.short() for peer in answer.route)}" if answer.route else ""
+    progress.done(f"answered by {answer.provider} ({answer.model}){through} in {answer.elapsed * 1000:.0f} ms")
     if streamed and answer.chunks:
         print()
     if args.json:
         print(json.dumps(render.answer_json(answer), indent=2))
     else:
         print(render.output_text(answer.output))
+    return EXIT_OK
+
+
+async def _ask_plan(node, args: argparse.Namespace, progress: render.Progress) -> int:
+    from modelnet.p2p.plans import PlanFailed, execute
+
+    progress.step(f"running {args.plan}")
+    try:
+        result = await execute(node, args.plan_tree, args.text, timeout=args.timeout, on_event=render.PlanProgress(progress))
+    except PlanFailed as exc:
+        if args.json:
+            print(json.dumps(render.trace_json(exc.trace, exc.decisions), indent=2))
+        raise CliError(f"the plan failed: {exc}") from None
+    progress.done(f"plan answered in {result.elapsed * 1000:.0f} ms by {len(result.trace.steps)} model calls")
+    if args.json:
+        print(json.dumps(render.trace_json(result.trace, result.decisions, result.elapsed), indent=2))
+    else:
+        print(render.output_text(result.output))
+        if not progress.quiet:
+            print(render.trace_table(result.trace), file=sys.stderr)
     return EXIT_OK
 
 
@@ -385,16 +455,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the bootstrap peers")
     gateway_cli.add_http_arguments(p)
     p.add_argument("--policy", action="append", metavar="MODEL=POLICY", help="who may use MODEL: public, org:<id>[:role=<r>], peer:<id>, comma-combined (repeatable)")
+    p.add_argument("--forward", action="store_true", help="route requests for capabilities this node does not serve")
+    p.add_argument("--upstream", action="append", metavar="ADDR", help="a forwarding peer for what the DHT can't find (repeatable; implies --forward)")
     p.set_defaults(func=cmd_node)
 
     for name, func, helptext in (("find", cmd_find, "list providers of a capability"), ("ask", cmd_ask, "ask the network")):
         p = sub.add_parser(name, help=helptext)
         common(p)
-        p.add_argument("capability", help="what to ask for: a task (sentiment), model:NAME, or a tag")
+        if name == "find":
+            p.add_argument("capability", help="what to ask for: a task (sentiment), model:NAME, or a tag")
         if name == "ask":
-            p.add_argument("text", help="the input text")
+            p.add_argument("capability", nargs="?", help="what to ask for: a task (sentiment), model:NAME, or a tag")
+            p.add_argument("text", nargs="?", help="the input text")
+            p.add_argument("--plan", metavar="FILE", help="run the plan in this YAML/JSON file on the text (no capability)")
             p.add_argument("--model", help="only this model")
             p.add_argument("--param", action="append", metavar="NAME=VALUE", help="model parameter (repeatable)")
+            p.add_argument("--via", action="append", metavar="ADDR", help="send the request through this forwarding peer instead of the DHT (repeatable)")
         p.add_argument("--bootstrap", action="append", help="full address of a peer to join through")
         p.add_argument("--json", action="store_true", help="machine-readable output")
         p.add_argument("--timeout", type=float, default=15.0, help="seconds for the whole operation")

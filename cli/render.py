@@ -90,3 +90,85 @@ def output_text(output: Any, width: int = 0) -> str:
     if width and len(text) > width:
         text = text[: width - 1] + "…"
     return text
+
+
+# -- plans ------------------------------------------------------------------------------
+
+
+class PlanProgress:
+    """``on_event`` for :func:`modelnet.p2p.plans.execute`: one line per call and decision."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+
+    def __call__(self, event) -> None:
+        from modelnet.p2p import plans
+
+        if isinstance(event, plans.StepStarted):
+            self.progress.step(f"{event.path}: asking {event.capability}")
+        elif isinstance(event, plans.StepDone):
+            step = event.step
+            if step.ok:
+                self.progress.done(
+                    f"{step.path}: {step.capability} by {step.provider.short()} ({step.model}) in {step.elapsed * 1000:.0f} ms"
+                )
+            else:
+                self.progress.done(f"{step.path}: {step.capability} failed: {step.error}")
+        elif isinstance(event, plans.Decided):
+            mark = "" if event.decision.ok else "failed: "
+            self.progress.done(f"{event.decision.path}: {event.decision.aggregate}: {mark}{event.decision.detail}")
+
+
+def trace_json(trace, decisions: Sequence = (), elapsed: float | None = None) -> dict[str, Any]:
+    """A plan's whole trace for scripts; ``trace`` (base64) is the lossless, verifiable form."""
+    import base64
+
+    from modelnet.protocols import plan as plans
+
+    def peer(value) -> str | None:
+        return None if value is None else str(value)
+
+    return {
+        "plan": plans.to_dict(trace.plan),
+        "input": trace.input,
+        "asker": str(trace.asker),
+        "output": trace.output,
+        "error": trace.error,
+        "elapsed_ms": None if elapsed is None else round(elapsed * 1000, 3),
+        "steps": [
+            {
+                "path": step.path,
+                "capability": step.capability,
+                "provider": peer(step.provider),
+                "model": step.model,
+                "elapsed_ms": round(step.elapsed * 1000, 3),
+                "input_sha256": step.input_sha256.hex(),
+                "output": step.output,
+                "receipt": None if step.receipt is None else step.receipt.hex(),
+                "route": [str(p) for p in step.route],
+                "error": step.error,
+            }
+            for step in trace.steps
+        ],
+        "decisions": [
+            {
+                "path": d.path,
+                "aggregate": d.aggregate,
+                "ok": d.ok,
+                "detail": d.detail,
+                "chosen": d.chosen,
+                "tally": [{"value": value, "votes": votes} for value, votes in d.tally],
+            }
+            for d in decisions
+        ],
+        "trace": base64.b64encode(trace.encode()).decode("ascii"),
+    }
+
+
+def trace_table(trace) -> str:
+    rows = []
+    for step in trace.steps:
+        who = step.provider.short() if step.provider is not None else "-"
+        result = output_text(step.output, 48) if step.ok else f"failed: {step.error}"
+        rows.append([step.path, step.capability, who, step.model or "-", f"{step.elapsed * 1000:.0f}", result])
+    return table(["step", "capability", "provider", "model", "ms", "output"], rows)

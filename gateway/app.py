@@ -308,7 +308,7 @@ def _check_request(target: Target, text: str, params: dict[str, Any]) -> None:
     try:
         reason.Request(
             request_id=bytes(reason.REQUEST_ID_BYTES), capability=target.capability or "plan", input=text,
-            params=params, deadline=0.0, hop_limit=0, model=target.model,
+            params=params, budget=0.0, hop_limit=0, model=target.model,
         )  # fmt: skip
     except LocalProtocolError as exc:
         raise invalid(str(exc)) from None

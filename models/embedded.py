@@ -1,8 +1,9 @@
 """The default models every node can serve offline, and the echo backend for tests.
 
-``EmbeddedBackend`` serves five small CPU models whose data ships inside their packages
-or this module: VADER sentiment, langid language identification, YAKE keywords, our own
-TextRank summariser and a feature-hashing text embedder. Heavy state (langid's model takes ~1.4 s to decode) is loaded once per process,
+``EmbeddedBackend`` serves small CPU models whose data ships inside their packages or
+this module: VADER sentiment, langid language identification, YAKE keywords, our own
+TextRank summariser, a feature-hashing text embedder, and two aggregators for plans (a
+judge and a synthesiser, models/aggregators.py). Heavy state (langid's model takes ~1.4 s to decode) is loaded once per process,
 lazily and under a lock, by whichever call needs it first, so with ``offload=True`` the load
 also happens off the event loop.
 """
@@ -24,7 +25,7 @@ from typing import Any, Generic, TypeVar
 
 import trio
 
-from . import summarize
+from . import aggregators, summarize
 from .base import (
     Backend,
     Chunk,
@@ -322,12 +323,40 @@ EMBEDDED_MODELS: dict[str, _Model] = {
             _embed,
             None,
         ),
+        # Aggregators for plans (models/aggregators.py): they read a candidates document.
+        _Model(
+            ModelInfo(
+                "tfidf-judge",
+                "judge",
+                ("aggregator", "plan", "similarity"),
+                "Judge for plan ensembles: picks the candidate most similar to the others "
+                "(TF-IDF cosine medoid); answers {choice, scores}.",
+                max_input_bytes=aggregators.MAX_AGGREGATOR_INPUT,
+            ),
+            aggregators.judge_params,
+            aggregators.judge,
+            None,
+        ),
+        _Model(
+            ModelInfo(
+                "textrank-synthesis",
+                "synthesize",
+                ("aggregator", "plan", "extractive"),
+                "Synthesis for plan ensembles: the most central sentences across all "
+                "candidates (TextRank); param sentences (default 3).",
+                max_input_bytes=aggregators.MAX_AGGREGATOR_INPUT,
+                streaming=True,
+            ),
+            aggregators.synthesis_params,
+            aggregators.synthesize,
+            None,
+        ),
     )
 }
 
 
 class EmbeddedBackend(Backend):
-    """The five embedded models, or the subset named in ``models``.
+    """The embedded models, or the subset named in ``models``.
 
     ``offload=True`` runs each model call in ``trio.to_thread.run_sync`` so the event loop
     keeps serving; ``offload=False`` runs it inline, which tests under ``autojump_clock``

@@ -26,4 +26,18 @@ class Config:
     # revocation list; None means republish_interval, so a revocation is honoured within one.
     revocation_refresh: float | None = None
     client_mode: bool = False  # a light client: no DHT serving, nothing published
+    # Routing (what we ask). Hedging: if a provider sends no first chunk within its
+    # measured p95 (at least hedge_floor; while it has too few samples, the p95 over all
+    # providers, or hedge_default before we measured anyone), ask the next one too; the
+    # first to answer wins and the other is cancelled.
+    hedging: bool = True
+    hedge_floor: float = 0.05
+    hedge_default: float = 1.0
+    max_parallel_attempts: int = 2  # attempts in flight at once for one request (1: no hedging)
+    hop_limit: int = 8  # hops a request we send may take
+    # Forwarding (what we route for others): answer requests for capabilities we don't
+    # serve by routing them onward, through the DHT or, failing that, through ``upstream``
+    # (full addresses of peers that forward for us). Our own limits apply to that work.
+    forwarding: bool = False
+    upstream: tuple[str, ...] = ()
     dht: DHTConfig = DHTConfig()

@@ -3,8 +3,10 @@
 A node publishes a signed capability record under its node key in the DHT and registers as
 a provider under one DHT key per capability tag, republishing before either expires. To ask,
 it looks providers up, verifies each one's signed record, negotiates a session (a grant
-bound to its own peer id), and routes the request to the provider with the lowest measured
-latency, failing over to the next one if a provider errs before its first chunk.
+bound to its own peer id), and routes the request to the provider it expects to answer
+first (:mod:`.routing`), failing over to the next one if a provider errs before its first
+chunk and hedging with the next one if a provider is slower than usual (:class:`_Race`). A
+node with ``Config.forwarding`` routes requests for others (:mod:`.forwarding`).
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import os
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Awaitable, Callable, Collection, Mapping, Sequence
 
 import trio
 
@@ -23,9 +26,8 @@ from modelnet.identity import IdentityError, Membership, PeerID, PrivateKey, Rev
 from modelnet.models.base import Backend
 from modelnet.protocols import access
 from modelnet.protocols import capability as cap
-from modelnet.protocols import private
-from modelnet.protocols import reason, session
-from modelnet.protocols.errors import ProtocolError
+from modelnet.protocols import forward, private, reason, session
+from modelnet.protocols.errors import ProtocolError, RemoteProtocolError
 
 from .config import Config
 from .errors import P2PError
@@ -33,7 +35,8 @@ from .exchange import next_event, open_stream
 from .host import Host, full_address, split_full_address
 from .kad.dht import KademliaDHT
 from .kad.errors import RequestFailed as DHTRequestFailed
-from .routing import ProviderStats, rank_providers
+from .forwarding import Forwarder
+from .routing import ProviderStats, pooled_p95, rank_providers
 from .serving import ModelServer
 from .trust import Revocations, credentials_for
 
@@ -59,10 +62,13 @@ class RequestFailed(NodeError):
     ``code`` is the provider's error code (``reason.INVALID_INPUT`` …) when one decided it.
     """
 
-    def __init__(self, message: str, errors: Sequence[tuple[PeerID, str]] = (), code: str | None = None) -> None:
+    def __init__(
+        self, message: str, errors: Sequence[tuple[PeerID, str]] = (), code: str | None = None, partial: Sequence[str] = ()
+    ) -> None:
         super().__init__(message)
         self.errors = list(errors)
         self.code = code
+        self.partial = tuple(partial)  # chunks the caller already received when the provider failed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +102,28 @@ class Answer:
     receipt: bytes
     elapsed: float  # seconds from ask to result, as the asker measured it
     attempts: tuple[tuple[PeerID, str], ...]  # providers that failed before this one, and why
+    route: tuple[PeerID, ...] = ()  # forwarders between us and the provider, in order
+    forwards: tuple[bytes, ...] = ()  # their signed forward statements (protocols.forward)
+    request_id: bytes = b""  # what the receipt and the statements commit to
+
+    def verify(self, asker: PeerID) -> reason.Receipt:
+        """Check the provenance again, offline: the receipt (and any forwarders' statements)
+        for this answer asked by ``asker``. Raises identity or protocol errors."""
+        provider, client = self.provider, asker
+        if self.forwards:
+            route, provider = forward.check_route(
+                self.forwards, request_id=self.request_id, asker=asker, first_hop=self.route[0], receipt=self.receipt
+            )
+            client = route[-1]
+        receipt = reason.open_receipt(self.receipt, provider=provider)
+        if (receipt.request_id, receipt.client, receipt.model, receipt.output_sha256) != (
+            self.request_id,
+            client,
+            self.model,
+            reason.output_digest(self.output),
+        ):
+            raise RemoteProtocolError("the receipt does not match this answer")
+        return receipt
 
 
 class Node:
@@ -125,6 +153,9 @@ class Node:
         self.policies = {name: policy for name, policy in policies.items() if not policy.public}
         self.revocations = Revocations(revocations)
         self.server = ModelServer(key, self.backends, config, wall_clock, policies=self.policies, revocations=self.revocations)
+        self.forwarder: Forwarder | None = None
+        if config.forwarding and not config.client_mode:
+            self.forwarder = self.server.forwarder = Forwarder(self)
         dht_config = dataclasses.replace(config.dht, client_mode=config.client_mode)
         self.dht = KademliaDHT(
             host,
@@ -140,6 +171,7 @@ class Node:
         self._grants: dict[tuple[PeerID, str], session.Grant] = {}
         self._records: dict[tuple[PeerID, PeerID | None], tuple[float, cap.CapabilityRecord]] = {}  # (peer, org)
         self._providers: dict[str, tuple[float, list[Provider]]] = {}
+        self._org_of: dict[PeerID, PeerID] = {}  # the organisation a provider was found under privately
         self._seq = 0
         self._nursery: trio.Nursery | None = None  # the serving nursery, for latency probes
         self._probing: set[PeerID] = set()
@@ -197,9 +229,10 @@ class Node:
         """
         join_error: P2PError | None = None
         serving = bool(self.server.models) and not self.config.client_mode
+        answering = serving or self.forwarder is not None
         async with trio.open_nursery() as nursery:
             await nursery.start(self.dht.serve)
-            if serving:
+            if answering:
                 self.host.set_stream_handler(session.SESSION_PROTOCOL, self.server.handle_session)
                 self.host.set_stream_handler(reason.REASON_PROTOCOL, self.server.handle_reason)
             try:
@@ -231,7 +264,7 @@ class Node:
                     await trio.sleep_forever()
             finally:
                 self._nursery = None
-                if serving:
+                if answering:
                     self.host.remove_stream_handler(session.SESSION_PROTOCOL)
                     self.host.remove_stream_handler(reason.REASON_PROTOCOL)
         if join_error is not None:
@@ -357,6 +390,8 @@ class Node:
                     known, models=known.models + tuple(m for m in models if m.name not in names), org=known.org or provider.org
                 )
             found[peer] = provider
+            if provider.org is not None:
+                self._org_of[peer] = provider.org
 
         async def search(membership: Membership | None, key: bytes) -> None:
             peers = await self.dht.find_providers(key, count=self.config.max_providers)
@@ -422,53 +457,106 @@ class Node:
         model: str | None = None,
         timeout: float | None = None,
         on_chunk: Callable[[PeerID, str], None] | None = None,
+        via: Sequence[str] = (),
+        hop_limit: int | None = None,
+        exclude: Collection[PeerID] = (),
     ) -> Answer:
         """Route one request; raise NoProvider or RequestFailed.
 
-        Providers are tried in routing order; one that fails before its first chunk is
-        replaced by the next. If every provider from a cached lookup failed, the lookup is
-        redone once and new providers are tried. Everything, discovery included, happens
-        within ``timeout`` (default ``Config.request_timeout``).
+        Providers are tried in routing order (:func:`~.routing.rank_providers`). One that
+        fails before its first chunk is replaced by the next; one that sends no first
+        chunk within its measured p95 gets company: the next provider is asked too, the
+        first to answer wins and the other is cancelled (``Config.hedging``). If every
+        provider from a cached lookup failed, the lookup is redone once; if that finds
+        none, the request goes to ``Config.upstream`` forwarders.
+
+        A provider that fails after its first chunk is replaced too when nothing has
+        reached the caller yet (no ``on_chunk``: its partial answer is dropped and the
+        request replayed); with ``on_chunk`` the caller has seen text another model would
+        not repeat, so the request fails (``RequestFailed.partial`` holds that text).
+
+        ``via`` (full addresses) sends the request only through those peers, which route
+        it onward (a light client without a DHT). Everything, discovery included, happens
+        within ``timeout`` (default ``Config.request_timeout``). Providers in ``exclude`` are
+        never asked (a plan's ensemble sends one step to distinct providers).
         """
         tag = cap.normalize_tag(capability)
-        started = trio.current_time()
         budget = timeout if timeout is not None else self.config.request_timeout
-        # One deadline on trio's clock for our own waiting; the provider is sent the same
-        # deadline on the wall clock, the only clock two machines share.
-        deadline = started + budget
-        ask = _Ask(tag, text, dict(params or {}), model, deadline, on_chunk)
-        failures: list[tuple[PeerID, str]] = []
-        tried: set[PeerID] = set()
-        with trio.move_on_at(deadline):
-            for fresh in (False, True):
-                providers = [p for p in await self.find(tag, fresh=fresh) if p.peer_id not in tried]
-                if model is not None:
-                    providers = [p for p in providers if any(m.name == model for m in p.models)]
-                if not providers:
-                    if not tried:
-                        raise NoProvider(f"no provider of {tag!r}" + (f" with model {model!r}" if model else "") + " found")
-                    break
-                await self._measure_unknown(providers, tag)
-                for provider in rank_providers(providers, self.stats, key=lambda p: p.peer_id, now=trio.current_time()):
-                    tried.add(provider.peer_id)
-                    try:
-                        answer = await self._ask_provider(provider, ask)
-                    except _ProviderFailed as exc:
-                        failures.append((provider.peer_id, str(exc)))
-                        if exc.after_first_chunk:
-                            raise RequestFailed(f"{provider.peer_id.short()} failed mid-answer: {exc}", failures, exc.code) from None
-                        if exc.code == reason.INVALID_INPUT:
-                            # The input is at fault, not the provider: another would refuse it too.
-                            raise RequestFailed(f"{tag}: {exc}", failures, exc.code) from None
-                        logger.info("provider %s failed before its first chunk: %s", provider.peer_id.short(), exc)
-                        continue
-                    return dataclasses.replace(answer, elapsed=trio.current_time() - started, attempts=tuple(failures))
-        if trio.current_time() >= deadline:
-            failures.append((self.peer_id, f"deadline of {budget:g} s passed"))
+        targets: tuple[PeerID, ...] = ()
+        for addr, peer in (split_full_address(a) for a in via):
+            self.host.add_addrs(peer, [addr])
+            targets += (peer,)
+        sink = None
+        if on_chunk is not None:
+
+            async def sink(peer: PeerID, text: str) -> None:
+                on_chunk(peer, text)
+
+        ask = _Ask(
+            capability=tag,
+            text=text,
+            params=dict(params or {}),
+            model=model,
+            deadline=trio.current_time() + budget,
+            sink=sink,
+            request_id=os.urandom(reason.REQUEST_ID_BYTES),
+            hop_limit=self.config.hop_limit if hop_limit is None else hop_limit,
+            visited=(),
+            via=targets,
+            excluded=frozenset(exclude),
+        )
+        return await self.route(ask)
+
+    async def route(self, ask: _Ask) -> Answer:
+        """The router under :meth:`ask` and the forwarder: race attempts until one answers."""
+        started = trio.current_time()
+        race = _Race(self, ask)
+        with trio.move_on_at(ask.deadline):
+            async with trio.open_nursery() as nursery:
+                await race.run(nursery)
+                nursery.cancel_scope.cancel()  # losers, if any are still running
+        if race.answer is not None:
+            return dataclasses.replace(race.answer, elapsed=trio.current_time() - started, attempts=tuple(race.failures))
+        failures = race.failures
+        if race.fatal is not None:
+            raise race.fatal
+        if not race.tried:
+            if trio.current_time() >= ask.deadline:
+                raise RequestFailed(f"{ask.capability}: the deadline passed before any provider was found")
+            what = f"no provider of {ask.capability!r}" + (f" with model {ask.model!r}" if ask.model else "")
+            raise NoProvider(what + " found")
+        if trio.current_time() >= ask.deadline:
+            failures.append((self.peer_id, f"deadline of {ask.deadline - started:g} s passed"))
         if not failures:
-            raise RequestFailed(f"{tag}: no provider answered")
+            raise RequestFailed(f"{ask.capability}: no provider answered")
         summary = failures[0][1] if len(failures) == 1 else f"all {len(failures)} attempts failed"
-        raise RequestFailed(f"{tag}: {summary}", failures)
+        raise RequestFailed(f"{ask.capability}: {summary}", failures, race.last_code)
+
+    async def _targets(self, ask: _Ask, stage: int) -> list[PeerID] | None:
+        """Who to try, in routing order, at ``stage``; None when the stages are exhausted.
+
+        0: the cached lookup (or ``ask.via``), 1: a fresh lookup, 2: upstream forwarders.
+        Peers the request already visited are never candidates: loops are impossible.
+        """
+        excluded = set(ask.visited) | {self.peer_id} | ask.excluded
+        now = trio.current_time()
+        if ask.via:
+            peers = [peer for peer in ask.via if peer not in excluded] if stage == 0 else None
+        elif stage < 2:
+            providers = [p for p in await self.find(ask.capability, fresh=stage == 1) if p.peer_id not in excluded]
+            if ask.model is not None:
+                providers = [p for p in providers if any(m.name == ask.model for m in p.models)]
+            await self._measure_unknown(providers, ask.capability)
+            peers = [p.peer_id for p in providers]
+        elif stage == 2:
+            peers = []
+            for addr, peer in (split_full_address(a) for a in self.config.upstream):
+                if peer not in excluded:
+                    self.host.add_addrs(peer, [addr])
+                    peers.append(peer)
+        else:
+            peers = None
+        return None if peers is None else rank_providers(peers, self.stats, key=lambda p: p, now=now)
 
     async def _measure_unknown(self, providers: Sequence[Provider], capability: str) -> None:
         """Negotiate sessions with providers we have no latency for, concurrently.
@@ -545,66 +633,70 @@ class Node:
             raise _ProviderFailed(f"session negotiation failed: {exc}") from None
         if isinstance(event, session.Refusal):
             raise _ProviderFailed(f"refused: {event.code}: {event.reason}", code=event.code)
-        stats.record_latency(trio.current_time() - started, load=_load(event))
+        stats.record_rtt(trio.current_time() - started, load=_load(event))
         self._grants[(peer, capability)] = event
         return event
 
-    async def _ask_provider(self, provider: Provider, ask: _Ask) -> Answer:
-        peer = provider.peer_id
+    async def _attempt(self, peer: PeerID, ask: _Ask, attempt: _Attempt) -> Answer:
         cached = (peer, ask.capability) in self._grants
-        grant = await self._grant_for(peer, ask.capability, org=provider.org)
+        org = self._org_of.get(peer)  # present that organisation's certificate, if we found it privately
+        grant = await self._grant_for(peer, ask.capability, org=org)
         try:
-            return await self._request(peer, grant, ask)
+            return await self._request(peer, grant, ask, attempt)
         except _GrantRejected:
             if not cached:
                 raise
             # A grant we had cached was refused (it expired early, the provider restarted):
             # one new session, then the request once more.
-            return await self._request(peer, await self._grant_for(peer, ask.capability, org=provider.org), ask)
+            return await self._request(peer, await self._grant_for(peer, ask.capability, org=org), ask, attempt)
 
-    async def _request(self, peer: PeerID, grant: session.Grant, ask: _Ask) -> Answer:
-        capability, deadline, on_chunk = ask.capability, ask.deadline, ask.on_chunk
+    async def _request(self, peer: PeerID, grant: session.Grant, ask: _Ask, attempt: _Attempt) -> Answer:
+        capability, deadline = ask.capability, ask.deadline
         request = reason.Request(
-            request_id=os.urandom(16),
+            request_id=ask.request_id,
             capability=capability,
             input=ask.text,
             params=dict(ask.params),
-            deadline=self.wall_clock() + (deadline - trio.current_time()),
-            hop_limit=DEFAULT_HOP_LIMIT,
-            visited=(self.peer_id,),
+            budget=min(max(deadline - trio.current_time(), 0.0), reason.MAX_BUDGET),
+            hop_limit=ask.hop_limit,
+            visited=ask.visited + (self.peer_id,),
             grant=grant.encode(),
             model=ask.model,
         )
-        client = reason.ReasonClient(provider=peer, client=self.peer_id)  # checks the receipt against request, output and us
+        # checks the receipt against request, output and us, through any forwarders
+        client = reason.ReasonClient(provider=peer, client=self.peer_id)
         chunks: list[str] = []
         received = 0
         stats = self._stats_for(peer)
-        started = trio.current_time()
-        first_event_at: float | None = None
         try:
             with trio.fail_at(deadline):
                 async with open_stream(self.host, peer, reason.REASON_PROTOCOL) as stream:
                     await stream.write(client.send_request(request))
+                    attempt.sent = trio.current_time()
                     while True:
                         event = await next_event(stream, client)
-                        if first_event_at is None:
-                            first_event_at = trio.current_time()
+                        if isinstance(event, reason.Error):
+                            break
+                        if not attempt.won:
+                            stats.record_first_chunk(trio.current_time() - attempt.sent)
+                            if not attempt.race.claim(attempt):
+                                await trio.lowlevel.checkpoint()  # lost by a hair: our scope is cancelled
                         if not isinstance(event, reason.Chunk):
                             break
                         received += len(event.text)
                         if received > self.config.max_answer_bytes:
-                            raise _ProviderFailed(
-                                f"answer exceeds {self.config.max_answer_bytes} bytes", after_first_chunk=True
-                            )
+                            raise _ProviderFailed(f"answer exceeds {self.config.max_answer_bytes} bytes", after_first_chunk=True)
                         chunks.append(event.text)
-                        if on_chunk is not None:
-                            on_chunk(peer, event.text)
+                        if ask.sink is not None:
+                            attempt.chunks.append(event.text)
+                            attempt.delivered = True
+                            await ask.sink(peer, event.text)
         except trio.TooSlowError:
             stats.record_failure(trio.current_time())
-            raise _ProviderFailed("deadline exceeded", after_first_chunk=bool(chunks)) from None
-        except (P2PError, ProtocolError) as exc:
+            raise _ProviderFailed("deadline exceeded", after_first_chunk=attempt.won, code=reason.DEADLINE_EXCEEDED) from None
+        except (P2PError, ProtocolError, IdentityError) as exc:
             stats.record_failure(trio.current_time())
-            raise _ProviderFailed(str(exc) or type(exc).__name__, after_first_chunk=bool(chunks)) from None
+            raise _ProviderFailed(str(exc) or type(exc).__name__, after_first_chunk=attempt.won) from None
         if isinstance(event, reason.Error):
             if event.code == reason.UNAUTHORIZED:
                 self._grants.pop((peer, capability), None)
@@ -613,12 +705,12 @@ class Node:
                 stats.record_overload()  # busy is not broken: no ban
             elif event.code != reason.INVALID_INPUT:  # refusing bad input is the provider doing its job
                 stats.record_failure(trio.current_time())
-            raise _ProviderFailed(f"{event.code}: {event.message}", after_first_chunk=bool(chunks), code=event.code)
-        stats.record_latency(first_event_at - started)
+            raise _ProviderFailed(f"{event.code}: {event.message}", after_first_chunk=attempt.won, code=event.code)
+        stats.record_load(event.queue, event.capacity)
         stats.record_success()
         return Answer(
             capability=capability,
-            provider=peer,
+            provider=client.answered_by or peer,
             model=event.model,
             output=event.output,
             chunks=tuple(chunks),
@@ -626,6 +718,9 @@ class Node:
             receipt=event.receipt,
             elapsed=0.0,
             attempts=(),
+            route=client.route,
+            forwards=event.via,
+            request_id=ask.request_id,
         )
 
 
@@ -638,7 +733,143 @@ class _Ask:
     params: Mapping[str, Any]
     model: str | None
     deadline: float  # on trio's clock
-    on_chunk: Callable[[PeerID, str], None] | None
+    sink: Callable[[PeerID, str], Awaitable[None]] | None  # the winning attempt's chunks, as they come
+    request_id: bytes
+    hop_limit: int  # hops the request may take from here
+    visited: tuple[PeerID, ...]  # peers it passed through before us
+    via: tuple[PeerID, ...] = ()  # only these peers, which forward it
+    excluded: frozenset[PeerID] = frozenset()  # never ask these (the caller's choice)
+
+
+@dataclasses.dataclass(eq=False)
+class _Attempt:
+    peer: PeerID
+    race: "_Race"
+    scope: trio.CancelScope
+    started: float  # when the attempt began (session included): hedging counts from here
+    sent: float | None = None  # when the request went out
+    won: bool = False  # its first chunk came first: its answer is the one
+    lost: bool = False  # another attempt won: cancelled
+    delivered: bool = False  # some of its chunks reached the caller
+    done: bool = False
+    chunks: list[str] = dataclasses.field(default_factory=list)  # those chunks
+
+
+class _Race:
+    """Attempts at one request: failover, hedging, and the first answer wins.
+
+    One attempt runs at first. Another starts when every running one has failed before
+    its first chunk (failover), or when the newest has sent no first chunk within its
+    provider's hedge delay (hedging, up to ``Config.max_parallel_attempts`` at once). The
+    first attempt to get a first chunk claims the race and every other is cancelled,
+    which resets its stream so its provider stops working. A winner that fails after its
+    first chunk is replaced only if none of its chunks reached the caller.
+    """
+
+    def __init__(self, node: Node, ask: _Ask) -> None:
+        self.node = node
+        self.ask = ask
+        self.attempts: list[_Attempt] = []
+        self.tried: set[PeerID] = set()
+        self.failures: list[tuple[PeerID, str]] = []
+        self.answer: Answer | None = None
+        self.fatal: RequestFailed | None = None
+        self.last_code: str | None = None  # of the latest failure: what the caller is told
+        self.changed = trio.Event()
+        self._queue: list[PeerID] = []
+        self._stage = 0
+        self._exhausted = False
+
+    def claim(self, attempt: _Attempt) -> bool:
+        if any(other.won for other in self.attempts if other is not attempt):
+            attempt.lost = True
+            attempt.scope.cancel()
+            return False
+        attempt.won = True
+        for other in self.attempts:
+            if other is not attempt and not other.done:
+                other.lost = True
+                other.scope.cancel()
+        return True
+
+    async def _next_peer(self) -> PeerID | None:
+        while not self._exhausted:
+            while self._queue:
+                peer = self._queue.pop(0)
+                if peer not in self.tried:
+                    return peer
+            targets = await self.node._targets(self.ask, self._stage)
+            self._stage += 1
+            if targets is None:
+                self._exhausted = True
+            else:
+                self._queue = targets
+        return None
+
+    async def _start_next(self, nursery: trio.Nursery) -> bool:
+        peer = await self._next_peer()
+        if peer is None or self.answer is not None or self.fatal is not None:
+            return False
+        self.tried.add(peer)
+        attempt = _Attempt(peer, self, trio.CancelScope(), trio.current_time())
+        self.attempts.append(attempt)
+        nursery.start_soon(self._run, attempt)
+        return True
+
+    async def _run(self, attempt: _Attempt) -> None:
+        node, peer = self.node, attempt.peer
+        try:
+            with attempt.scope:
+                try:
+                    self.answer = await node._attempt(peer, self.ask, attempt)
+                except _ProviderFailed as exc:
+                    self._failed(attempt, exc)
+            if attempt.lost and attempt.sent is not None and not attempt.won:
+                # How long it has been silent is a lower bound of its time to first chunk:
+                # a provider that keeps losing ranks down and is hedged sooner.
+                node._stats_for(peer).record_first_chunk(trio.current_time() - attempt.sent)
+                logger.info("hedged attempt on %s cancelled: another provider answered first", peer.short())
+        finally:
+            attempt.done = True
+            self.changed.set()
+
+    def _failed(self, attempt: _Attempt, exc: _ProviderFailed) -> None:
+        peer = attempt.peer
+        self.failures.append((peer, str(exc)))
+        self.last_code = exc.code
+        if exc.code == reason.INVALID_INPUT:
+            # The input is at fault, not the provider: another would refuse it too.
+            self.fatal = RequestFailed(f"{self.ask.capability}: {exc}", self.failures, exc.code)
+        elif attempt.won and (attempt.delivered or exc.code == reason.DEADLINE_EXCEEDED):
+            partial = f"{peer.short()} failed mid-answer: {exc}"
+            self.fatal = RequestFailed(partial, self.failures, exc.code, attempt.chunks)
+        elif attempt.won:
+            logger.info("provider %s failed mid-answer before anything reached the caller: replaying: %s", peer.short(), exc)
+            attempt.won = False  # the race is open again
+        else:
+            logger.info("provider %s failed before its first chunk: %s", peer.short(), exc)
+
+    async def run(self, nursery: trio.Nursery) -> None:
+        config = self.node.config
+        limit = max(1, config.max_parallel_attempts if config.hedging else 1)
+        while self.answer is None and self.fatal is None:
+            running = [a for a in self.attempts if not a.done]
+            if not running:
+                if not await self._start_next(nursery):
+                    return
+                continue
+            self.changed = trio.Event()
+            hedge_at = math.inf
+            if len(running) < limit and not self._exhausted and not any(a.won for a in running):
+                newest = running[-1]
+                default = pooled_p95(self.node.stats.values()) or config.hedge_default
+                delay = self.node._stats_for(newest.peer).hedge_delay(floor=config.hedge_floor, default=default)
+                hedge_at = newest.started + delay
+            with trio.move_on_at(hedge_at):
+                await self.changed.wait()
+            if trio.current_time() >= hedge_at and self.answer is None and not any(a.won for a in self.attempts if not a.done):
+                logger.info("no first chunk from %s in %.3f s: hedging", running[-1].peer.short(), trio.current_time() - running[-1].started)
+                await self._start_next(nursery)
 
 
 class _ProviderFailed(Exception):

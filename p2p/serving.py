@@ -3,8 +3,8 @@
 Every inbound stream is one exchange. A peer gets a grant (signed, bound to its peer id,
 with the limits it will be held to) or a typed refusal; a request is checked (deadline, hop
 limit, loop, grant, per-peer and total load, input size) before any model runs; the work
-stops at the deadline (capped by ``max_request_seconds``) or when the asker resets the
-stream, and the answer ends with a signed receipt.
+stops when the request's budget runs out (capped by ``max_request_seconds``) or when the
+asker resets the stream, and the answer ends with a signed receipt.
 
 Models may have an access policy (:mod:`modelnet.protocols.access`). A session offer's
 credentials are checked against the policies of the models matching its capability: a
@@ -14,6 +14,10 @@ certificates a peer proved are remembered (per peer and organisation, bounded), 
 request is checked again against the policy of the model it would run, so a revoked or
 expired member's grants stop working, and a grant obtained for a public model does not open
 a private one.
+
+A node that forwards (``Config.forwarding``) also grants sessions and takes requests for
+capabilities it does not serve, and hands them to its :data:`Forwarder`, under the same
+checks, limits, budget and cancellation as its own work.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import dataclasses
 import logging
 import math
 from collections import Counter, OrderedDict
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Awaitable, Callable, Mapping, Sequence
 
 import trio
 
@@ -52,6 +56,13 @@ class ServedModel:
     capability: cap.ModelCapability  # what the record says about it
     info: ModelInfo
     backend: Backend
+
+
+# Routes a request onward for ``remote``, streaming chunk texts through ``emit`` as they
+# arrive; returns the result to send back (or a typed error). See p2p/forwarding.py.
+Forwarder = Callable[
+    [reason.Request, PeerID, Callable[[str], Awaitable[None]]], Awaitable["reason.Result | reason.Error"]
+]
 
 
 def model_capability(info: ModelInfo) -> cap.ModelCapability:
@@ -97,6 +108,7 @@ class ModelServer:
         self.in_flight = 0
         self._in_flight_by_peer: Counter[PeerID] = Counter()
         self._minute: tuple[int, Counter[PeerID]] = (-1, Counter())
+        self.forwarder: Forwarder | None = None
 
     def matching(self, capability: str, model: str | None = None) -> list[ServedModel]:
         return [
@@ -122,20 +134,22 @@ class ModelServer:
                     await send_quietly(stream, provider.send_refusal(session.BAD_OFFER, why))
                 return
             models = self.matching(tag)
-            if not models:
+            if not models and self.forwarder is None:
                 await send_quietly(stream, provider.send_refusal(session.NO_SUCH_CAPABILITY, f"this node does not serve {tag!r}"))
                 return
             now = self.wall_clock()
-            certificates, denials = self._remember(remote, offer.credentials, now)
-            try:
-                models, until = self._admitted(models, remote, certificates, now, denials)
-            except access.AccessDenied as exc:
-                logger.info("refused %s access to %s: %s", remote.short(), tag, exc)
-                await send_quietly(stream, provider.send_refusal(session.FORBIDDEN, clip(exc, session.MAX_REASON_CHARS)))
-                return
+            until = math.inf
+            if models:  # a capability we only forward is judged by the provider's own policy
+                certificates, denials = self._remember(remote, offer.credentials, now)
+                try:
+                    models, until = self._admitted(models, remote, certificates, now, denials)
+                except access.AccessDenied as exc:
+                    logger.info("refused %s access to %s: %s", remote.short(), tag, exc)
+                    await send_quietly(stream, provider.send_refusal(session.FORBIDDEN, clip(exc, session.MAX_REASON_CHARS)))
+                    return
             limits = session.Limits(
                 max_concurrent=self.config.max_requests_per_peer,
-                max_input_bytes=max(m.info.max_input_bytes for m in models),
+                max_input_bytes=max((m.info.max_input_bytes for m in models), default=reason.MAX_INPUT_BYTES),
                 requests_per_minute=self.config.requests_per_minute_per_peer,
             )
             data, _ = provider.send_grant(
@@ -233,10 +247,10 @@ class ModelServer:
                 if not self._in_flight_by_peer[remote]:
                     del self._in_flight_by_peer[remote]
 
-    def _check(self, request: reason.Request, remote: PeerID) -> reason.Error | ServedModel:
-        """The model that will answer ``request``, or the error that refuses it."""
+    def _check(self, request: reason.Request, remote: PeerID) -> reason.Error | ServedModel | None:
+        """The model that will answer ``request`` (None: forward it), or the error that refuses it."""
         now = self.wall_clock()
-        if request.deadline <= now:
+        if request.budget <= 0:
             return reason.Error(reason.DEADLINE_EXCEEDED, "the request's deadline has passed", False)
         if self.key.peer_id in request.visited:
             return reason.Error(reason.LOOP, "this node already handled the request", False)
@@ -256,14 +270,20 @@ class ModelServer:
         if not self._count_this_minute(remote, now):
             return reason.Error(reason.OVERLOADED, f"at most {self.config.requests_per_minute_per_peer} requests a minute per peer", True)
         models = self.matching(capability, request.model)
-        if not models:
+        if not models and self.forwarder is None:
             return reason.Error(reason.NO_SUCH_CAPABILITY, f"no model here serves {capability!r}", True)
-        try:
-            served = self._admitted(models, remote, list(self._members.get(remote, {}).values()), now)[0][0]
-        except access.AccessDenied as exc:
-            # Retryable: the asker negotiates a new session, which says why if it fails too.
-            return reason.Error(reason.UNAUTHORIZED, clip(f"forbidden: {exc}", reason.MAX_MESSAGE_CHARS), True)
-        limit = served.info.max_input_bytes
+        if not models:  # a forwarder routes it onward; its own checks are the provider's
+            if request.hop_limit < 2:
+                return reason.Error(reason.HOP_LIMIT, "no hop left to forward the request", False)
+            served = None
+            limit = reason.MAX_INPUT_BYTES
+        else:
+            try:
+                served = self._admitted(models, remote, list(self._members.get(remote, {}).values()), now)[0][0]
+            except access.AccessDenied as exc:
+                # Retryable: the asker negotiates a new session, which says why if it fails too.
+                return reason.Error(reason.UNAUTHORIZED, clip(f"forbidden: {exc}", reason.MAX_MESSAGE_CHARS), True)
+            limit = served.info.max_input_bytes
         if len(request.input.encode()) > limit:
             return reason.Error(reason.INVALID_INPUT, f"input exceeds {limit} bytes", False)
         return served
@@ -278,23 +298,26 @@ class ModelServer:
         return True
 
     async def _serve(
-        self, stream: Stream, server: reason.ReasonServer, request: reason.Request, remote: PeerID, served: ServedModel
+        self, stream: Stream, server: reason.ReasonServer, request: reason.Request, remote: PeerID, served: ServedModel | None
     ) -> None:
-        started = trio.current_time()
-        budget = min(request.deadline - self.wall_clock(), self.config.max_request_seconds)
-        output: Any = None
+        # The budget counts from now, on our own clock: no wall clock is compared across machines.
+        budget = min(request.budget, self.config.max_request_seconds)
         seq = 0
+
+        async def emit(text: str) -> None:
+            nonlocal seq
+            await stream.write(server.send(reason.Chunk(seq, text)))
+            seq += 1
+
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_watch_asker, stream, nursery.cancel_scope)
             try:
                 with trio.fail_after(budget):
-                    async with contextlib.aclosing(served.backend.run(served.info.name, request.input, request.params)) as items:
-                        async for item in items:
-                            if isinstance(item, ModelChunk):
-                                await stream.write(server.send(reason.Chunk(seq, item.text)))
-                                seq += 1
-                            elif isinstance(item, ModelOutput):
-                                output = item.value
+                    if served is not None:
+                        answer = await self._run_model(served, request, remote, emit)
+                    else:
+                        assert self.forwarder is not None  # _check refused the request otherwise
+                        answer = await self.forwarder(request, remote, emit)
             except trio.TooSlowError:
                 await send_quietly(stream, server.send(reason.Error(reason.DEADLINE_EXCEEDED, "deadline passed while working", False)))
             except ModelError as exc:
@@ -302,17 +325,34 @@ class ModelServer:
             except StreamClosed:
                 logger.info("asker %s went away mid-answer", remote.short())
             else:
-                output_bytes = reason.encode_output(output)
-                receipt = reason.make_receipt(
-                    self.key, request=request, client=remote, model=served.info.name, output_bytes=output_bytes, now=self.wall_clock()
-                )
-                usage = reason.Usage(
-                    input_bytes=len(request.input.encode()),
-                    output_bytes=len(output_bytes),
-                    compute_ms=(trio.current_time() - started) * 1000,
-                )
-                await send_quietly(stream, server.send(reason.Result(output=output, model=served.info.name, usage=usage, receipt=receipt)))
+                await send_quietly(stream, server.send(answer))
             nursery.cancel_scope.cancel()
+
+    async def _run_model(
+        self, served: ServedModel, request: reason.Request, remote: PeerID, emit: Callable[[str], Awaitable[None]]
+    ) -> reason.Result:
+        started = trio.current_time()
+        output: Any = None
+        async with contextlib.aclosing(served.backend.run(served.info.name, request.input, request.params)) as items:
+            async for item in items:
+                if isinstance(item, ModelChunk):
+                    await emit(item.text)
+                elif isinstance(item, ModelOutput):
+                    output = item.value
+        output_bytes = reason.encode_output(output)
+        receipt = reason.make_receipt(
+            self.key, request=request, client=remote, model=served.info.name, output_bytes=output_bytes, now=self.wall_clock()
+        )
+        usage = reason.Usage(
+            input_bytes=len(request.input.encode()),
+            output_bytes=len(output_bytes),
+            compute_ms=(trio.current_time() - started) * 1000,
+        )
+        return reason.Result(output=output, model=served.info.name, usage=usage, receipt=receipt, **self.load())
+
+    def load(self) -> dict[str, int]:
+        """What a result reports: the other requests in progress here, of how many at once."""
+        return {"queue": max(self.in_flight - 1, 0), "capacity": self.config.max_concurrent_requests}
 
 
 async def _watch_asker(stream: Stream, scope: trio.CancelScope) -> None:

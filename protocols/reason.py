@@ -3,10 +3,11 @@
 ::
 
     client                                      server
-      request {request_id, capability, input, params, deadline, hop_limit,
+      request {request_id, capability, input, params, budget, hop_limit,
                visited, grant, model}  ->
                                         <-  chunk {seq, text}        (0, 1, 2, … optional)
-                                        <-  result {output, model, usage, receipt}
+                                        <-  result {output, model, usage, receipt,
+                                                    queue, capacity, via}
                                         <-  or error {code, message, retryable}
 
 Each message is one frame holding a canonical msgpack map with a ``kind``. The result's
@@ -14,6 +15,17 @@ receipt is a provider-signed record (type ``receipt``) committing to the request
 capability, the model, and SHA-256 digests of the input text and of the canonical encoding
 of the output (:func:`output_digest`). Cancelling is resetting the stream; there is no
 message for it. The server may answer a malformed request with an error before closing.
+
+Deadlines travel as a *budget*: the seconds left when the request was sent. Each hop
+starts its own clock when the request arrives and forwards what is left of it, so two
+machines never compare wall clocks (skew cannot expire or extend a request); transit time
+is not subtracted, so a budget errs long by one one-way delay per hop. ``hop_limit`` is
+the number of hops the request may still take, this one included: 0 is refused, and a
+forwarder sends ``hop_limit - 1``. ``visited`` lists every peer the request passed through.
+
+A result reports the provider's load (``queue`` requests in progress of ``capacity``), which
+askers rank by, and ``via``: the forward statements of the forwarders between the asker and
+the provider (:mod:`.forward`), empty for a direct answer.
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ from typing import Any
 
 from modelnet.identity import CanonicalEncodingError, PeerID, PrivateKey, SignedRecord, canonical
 
+from . import forward
 from .capability import DOMAIN, normalize_tag
 from .errors import LocalProtocolError, RemoteProtocolError
 from .messages import (
@@ -50,6 +63,8 @@ REASON_PROTOCOL = "/modelnet/reason/1.0.0"
 RECEIPT_TYPE = "receipt"
 RECEIPT_TTL = 30 * 24 * 3600.0  # receipts are evidence for accounting; they outlive sessions
 REQUEST_ID_BYTES = 16
+MAX_BUDGET = 86400.0  # seconds: a day is longer than any request should live
+MAX_CAPACITY = (1 << 31) - 1
 MAX_INPUT_BYTES = 1 << 20
 MAX_TEXT_BYTES = 1 << 20  # one chunk
 MAX_HOP_LIMIT = 32
@@ -113,8 +128,8 @@ class Request:
     capability: str  # normalized tag
     input: str  # at most 1 MiB of UTF-8
     params: dict[str, Param]
-    deadline: float  # unix seconds
-    hop_limit: int  # forwards left, 0..32
+    budget: float  # seconds left when sent, 0..MAX_BUDGET
+    hop_limit: int  # hops the request may still take, this one included, 0..32
     visited: tuple[PeerID, ...] = ()  # peers the request has passed through (loop detection)
     grant: bytes | None = None  # an encoded session grant
     model: str | None = None  # a specific model, or any that matches
@@ -124,7 +139,7 @@ class Request:
         set_field(self, "capability", normalize_tag(self.capability))
         check_str("input", self.input, max_len=MAX_INPUT_BYTES, utf8=True)
         set_field(self, "params", _check_params(self.params))
-        set_field(self, "deadline", check_float("deadline", self.deadline))
+        set_field(self, "budget", check_float("budget", self.budget, lo=0.0, hi=MAX_BUDGET))
         check_int("hop_limit", self.hop_limit, 0, MAX_HOP_LIMIT)
         visited = check_tuple("visited", self.visited, max_len=MAX_VISITED)
         if not all(isinstance(peer, PeerID) for peer in visited):
@@ -141,7 +156,7 @@ class Request:
             "capability": self.capability,
             "input": self.input,
             "params": self.params,
-            "deadline": self.deadline,
+            "budget": self.budget,
             "hop_limit": self.hop_limit,
             "visited": [peer.bytes for peer in self.visited],
             "grant": self.grant,
@@ -158,7 +173,7 @@ class Request:
             capability=field(fields, "capability", str),
             input=field(fields, "input", str),
             params=field(fields, "params", dict, {}),
-            deadline=field(fields, "deadline", (int, float)),
+            budget=field(fields, "budget", (int, float)),
             hop_limit=field(fields, "hop_limit", int),
             visited=tuple(PeerID.from_bytes(check_bytes("visited peer", peer, max_len=64)) for peer in visited),
             grant=field(fields, "grant", (bytes, type(None)), None),
@@ -194,6 +209,9 @@ class Result:
     model: str
     usage: Usage
     receipt: bytes  # an encoded SignedRecord of type "receipt"
+    queue: int = 0  # requests the answering node has in progress...
+    capacity: int = 0  # ...of this many it takes at once (0: not reported)
+    via: tuple[bytes, ...] = ()  # forward statements, the asker's end first
 
     def __post_init__(self) -> None:
         encode_output(self.output)  # raises LocalProtocolError for what can't be sent
@@ -201,6 +219,17 @@ class Result:
         if not isinstance(self.usage, Usage):
             raise LocalProtocolError("usage must be Usage")
         check_bytes("receipt", self.receipt, min_len=1, max_len=MAX_RECEIPT_BYTES)
+        check_int("queue", self.queue, 0, MAX_CAPACITY)
+        check_int("capacity", self.capacity, 0, MAX_CAPACITY)
+        via = check_tuple("via", self.via, max_len=forward.MAX_ROUTE)
+        for statement in via:
+            check_bytes("forward statement", statement, min_len=1, max_len=forward.MAX_STATEMENT_BYTES)
+        set_field(self, "via", via)
+
+    @property
+    def load(self) -> float | None:
+        """``queue / capacity``, or None if the provider did not say."""
+        return self.queue / self.capacity if self.capacity else None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -346,9 +375,13 @@ def _usage_from_wire(fields: dict[str, Any]) -> Usage:
 class ReasonClient(Endpoint):
     """Send one request; receive chunks, then a result or an error.
 
-    With ``provider`` given, a result's receipt must be signed by it and match the request
-    and the output (and name ``client`` as the asker, when given); without it (e.g. the
-    answer was relayed) the receipt is passed on unread.
+    With ``provider`` (the peer the request is sent to) given, a result's receipt must
+    match the request and the output, and be signed by ``provider`` and issued to
+    ``client`` (when given) -- or, when the result came through forwarders, be vouched for
+    by a chain of forward statements from ``provider`` to the receipt's signer
+    (:func:`.forward.check_route`; then ``client`` is required). ``route`` and
+    ``answered_by`` tell who forwarded and who answered. Without ``provider`` the receipt
+    is passed on unread.
     """
 
     def __init__(self, *, provider: PeerID | None = None, client: PeerID | None = None) -> None:
@@ -356,6 +389,8 @@ class ReasonClient(Endpoint):
         self.provider = provider
         self.client = client
         self.request: Request | None = None
+        self.route: tuple[PeerID, ...] = ()  # forwarders, once a result is checked
+        self.answered_by: PeerID | None = provider
         self._next_chunk = 0
 
     def send_request(self, request: Request) -> bytes:
@@ -390,20 +425,33 @@ class ReasonClient(Endpoint):
                 model=field(fields, "model", str),
                 usage=_usage_from_wire(field(fields, "usage", dict)),
                 receipt=field(fields, "receipt", bytes),
+                queue=field(fields, "queue", int, 0),
+                capacity=field(fields, "capacity", int, 0),
+                via=tuple(field(fields, "via", list, [])),
             )
             if self.provider is not None:
                 self._check_receipt(result)
             return result
 
     def _check_receipt(self, result: Result) -> None:
-        assert self.request is not None  # the table allows a result only after our request
-        receipt = open_receipt(result.receipt, provider=self.provider)
+        assert self.request is not None and self.provider is not None  # the table allows a result only after our request
+        provider, client = self.provider, self.client
+        if result.via:
+            if self.client is None:
+                raise LocalProtocolError("checking a forwarded answer needs the asker's peer id")
+            route, provider = forward.check_route(
+                result.via, request_id=self.request.request_id, asker=self.client, first_hop=self.provider, receipt=result.receipt
+            )
+            client = route[-1]
+            self.route = route
+        receipt = open_receipt(result.receipt, provider=provider)
+        self.answered_by = provider
         expected = (self.request.request_id, self.request.capability, result.model, output_digest(result.output))
         if (receipt.request_id, receipt.capability, receipt.model, receipt.output_sha256) != expected:
             raise RemoteProtocolError("the receipt does not match the request, model or output")
         if receipt.input_sha256 != input_digest(self.request.input):
             raise RemoteProtocolError("the receipt commits to another input")
-        if self.client is not None and receipt.client != self.client:
+        if client is not None and receipt.client != client:
             raise RemoteProtocolError("the receipt was issued to another asker")
 
 
@@ -435,9 +483,16 @@ class ReasonServer(Endpoint):
             return data
         if isinstance(event, Result):
             usage = dataclasses.asdict(event.usage)
-            return self._pack(
-                "result", {"output": event.output, "model": event.model, "usage": usage, "receipt": event.receipt}
-            )
+            fields = {
+                "output": event.output,
+                "model": event.model,
+                "usage": usage,
+                "receipt": event.receipt,
+                "queue": event.queue,
+                "capacity": event.capacity,
+                "via": list(event.via),
+            }
+            return self._pack("result", fields)
         if isinstance(event, Error):
             check_code("error code", event.code, ERROR_CODES)
             fields = {"code": event.code, "message": event.message, "retryable": event.retryable}

@@ -13,13 +13,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from typing import AsyncIterator, Callable, Mapping, Sequence
+from typing import Any, AsyncIterator, Callable, Mapping, Sequence
 
 import trio
 
 from modelnet.errors import unwrapping_groups
 from modelnet.identity import Membership, PrivateKey
-from modelnet.models.base import Backend
+from modelnet.models.base import Backend, Chunk, ModelError, ModelInfo, Output
 from modelnet.p2p.host import Host
 from modelnet.p2p.node import Config, Node
 from modelnet.protocols.access import AccessPolicy
@@ -40,6 +40,53 @@ def seeded_key(index: int, seed: int = 0) -> PrivateKey:
 def virtual_wall_clock() -> float:
     """A wall clock that follows trio's (virtual, under autojump_clock) clock."""
     return EPOCH + trio.current_time()
+
+
+class ScriptedBackend(Backend):
+    """A model whose timing a test or benchmark sets, and which reports what happened to it.
+
+    It answers ``<label>:<input>`` after ``chunks`` chunks (``<label>-0``, ``<label>-1``…):
+    ``delay`` seconds before the first (change it between requests to make a provider slow),
+    ``chunk_delay`` between the others. ``fail`` raises :class:`ModelError` before anything.
+    ``started``/``finished``/``cancelled`` count runs; ``first_chunk`` is set once a chunk
+    was yielded and ``was_cancelled`` once a run was cancelled.
+    """
+
+    def __init__(
+        self, label: str, task: str = "echo", *, delay: float = 0.0, chunks: int = 1, chunk_delay: float = 0.0, fail: bool = False
+    ) -> None:
+        self.name = f"scripted-{label}"
+        self.label = label
+        self.task = task
+        self.delay = delay
+        self.chunks = chunks
+        self.chunk_delay = chunk_delay
+        self.fail = fail
+        self.started = self.finished = self.cancelled = 0
+        self.first_chunk = trio.Event()
+        self.was_cancelled = trio.Event()
+
+    def models(self) -> list[ModelInfo]:
+        return [ModelInfo(name=self.name, task=self.task, streaming=True)]
+
+    async def run(self, model: str, text: str, params: Mapping[str, Any]) -> AsyncIterator[Chunk | Output]:
+        self.started += 1
+        if self.fail:
+            raise ModelError(f"{self.label} is broken")
+        try:
+            if self.delay:
+                await trio.sleep(self.delay)
+            for index in range(self.chunks):
+                if index and self.chunk_delay:
+                    await trio.sleep(self.chunk_delay)
+                yield Chunk(f"{self.label}-{index}")
+                self.first_chunk.set()
+            yield Output(f"{self.label}:{text}")
+        except trio.Cancelled:
+            self.cancelled += 1
+            self.was_cancelled.set()
+            raise
+        self.finished += 1
 
 
 def _node(

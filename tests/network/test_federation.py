@@ -79,7 +79,7 @@ async def request(node, provider, grant: session.Grant, capability: str, model: 
         capability=capability,
         input="hi",
         params={},
-        deadline=virtual_wall_clock() + 30,
+        budget=30.0,
         hop_limit=4,
         visited=(node.peer_id,),
         grant=grant.encode(),

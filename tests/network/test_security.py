@@ -98,7 +98,7 @@ async def test_a_provider_handing_out_a_bad_record_is_dropped_and_the_lookup_goe
 def raw_request(asker, grant: bytes, capability: str = "echo") -> reason.Request:
     return reason.Request(
         request_id=os.urandom(16), capability=capability, input="replayed", params={},
-        deadline=virtual_wall_clock() + 30, hop_limit=4, visited=(asker.peer_id,), grant=grant,
+        budget=30.0, hop_limit=4, visited=(asker.peer_id,), grant=grant,
     )  # fmt: skip
 
 

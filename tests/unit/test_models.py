@@ -27,7 +27,7 @@ from modelnet.models import (
 from modelnet.models import summarize
 from modelnet.models.base import ModelInfo, check_text
 
-MODELS = ("vader-sentiment", "langid", "yake-keywords", "textrank-summary", "hash-embed")
+MODELS = ("vader-sentiment", "langid", "yake-keywords", "textrank-summary", "hash-embed", "tfidf-judge", "textrank-synthesis")
 
 # The hub sentence (shares words with both other solar sentences) comes last, so a summary
 # in score order would differ from one in document order.
@@ -278,8 +278,8 @@ async def test_subset_of_models():
 def test_model_infos():
     infos = {info.name: info for info in EmbeddedBackend().models()}
     assert list(infos) == list(MODELS)
-    assert [infos[name].task for name in MODELS] == ["sentiment", "language-id", "keywords", "summarize", "embed"]
-    assert [name for name in MODELS if infos[name].streaming] == ["textrank-summary"]
+    assert [infos[name].task for name in MODELS] == ["sentiment", "language-id", "keywords", "summarize", "embed", "judge", "synthesize"]
+    assert [name for name in MODELS if infos[name].streaming] == ["textrank-summary", "textrank-synthesis"]
     assert all(isinstance(info, ModelInfo) and info.description and info.tags for info in infos.values())
 
 

@@ -43,7 +43,7 @@ def request(**changes):
         "capability": "Chat",
         "input": "hello",
         "params": {"temperature": 0.2, "max_tokens": 64, "stream": True, "stop": None, "style": "terse"},
-        "deadline": NOW + 30,
+        "budget": 30.0,
         "hop_limit": 3,
         "visited": (MALLORY.peer_id,),
         "grant": b"grant-bytes",
@@ -88,9 +88,9 @@ def test_error_answer():
 
 def test_a_minimal_request_on_the_wire_takes_defaults():
     server = ReasonServer()
-    fields = {"request_id": RID, "capability": "chat", "input": "", "deadline": NOW, "hop_limit": 0}
+    fields = {"request_id": RID, "capability": "chat", "input": "", "budget": 2, "hop_limit": 0}
     server.receive_data(pack_message("request", fields, max_frame=MAX_FRAME))
-    assert server.next_event() == Request(RID, "chat", "", {}, NOW, 0)
+    assert server.next_event() == Request(RID, "chat", "", {}, 2.0, 0)
 
 
 def test_unknown_fields_are_ignored():
@@ -184,8 +184,10 @@ def test_without_a_provider_the_receipt_is_passed_on_unread():
         {"params": {"big": 1 << 63}},
         {"params": {"s": "x" * 4097}},
         {"params": [("a", 1)]},
-        {"deadline": float("inf")},
-        {"deadline": "soon"},
+        {"budget": float("inf")},
+        {"budget": "soon"},
+        {"budget": -0.5},  # a budget is what is left, never less than nothing
+        {"budget": reason.MAX_BUDGET + 1},
         {"hop_limit": 33},
         {"hop_limit": -1},
         {"hop_limit": True},
@@ -212,7 +214,8 @@ def test_request_fields_are_checked(changes):
         {"params": {"list": [1]}},
         {"request_id": "text"},
         {"model": 5},
-        {"deadline": None},
+        {"budget": None},
+        {"budget": -1},
     ],
 )
 def test_invalid_requests_from_the_peer_are_remote_errors(changes):
@@ -377,7 +380,7 @@ requests = st.builds(
     capability=st.from_regex(r"[a-z0-9._:-]{1,64}", fullmatch=True),
     input=st.text(max_size=200),
     params=st.dictionaries(st.text(min_size=1, max_size=10), param_values, max_size=5),
-    deadline=st.floats(allow_nan=False, allow_infinity=False),
+    budget=st.floats(0, reason.MAX_BUDGET),
     hop_limit=st.integers(0, 32),
     visited=st.lists(st.sampled_from([CLIENT.peer_id, PROVIDER.peer_id, MALLORY.peer_id]), max_size=5).map(tuple),
     grant=st.none() | st.binary(max_size=50),
@@ -422,7 +425,9 @@ def test_any_bytes_into_either_side(data):
 
 
 request_fields = st.sampled_from(list(request()._to_wire()) + ["x"])
-answer_fields = st.sampled_from(["seq", "text", "output", "model", "usage", "receipt", "code", "message", "retryable"])
+answer_fields = st.sampled_from(
+    ["seq", "text", "output", "model", "usage", "receipt", "code", "message", "retryable", "queue", "capacity", "via"]
+)
 
 
 @settings(max_examples=300)
