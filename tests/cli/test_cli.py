@@ -149,3 +149,12 @@ async def test_demo_runs_end_to_end(tmp_path):
     assert by_capability["language-id"][0]["answer"]["language"] == "fr"
     assert by_capability["language-id"][1]["answer"]["language"] == "de"
     assert report["requests"][2]["answer"]["keywords"]
+    pipeline, vote = report["plans"]
+    assert [step.split("@")[0] for step in pipeline["steps"]] == ["summarize", "sentiment"]
+    assert pipeline["answer"]["label"] in {"positive", "negative", "neutral"} and pipeline["trace_verified"]
+    # the ensemble asked two distinct providers and both voted "positive"
+    assert len(set(vote["steps"])) == 2 and vote["answer"]["label"] == "positive"
+    # the private model: a member finds and calls it, an outsider cannot even find it
+    private = report["private"]
+    assert private["member_found"] == 1 and private["member_answer_dimensions"] == 256
+    assert private["outsider_found"] == 0 and "no provider" in private["outsider_refused"]
