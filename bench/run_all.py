@@ -21,11 +21,20 @@ from typing import Any
 
 from .common import machine, machine_line, markdown_table, results_dir
 
-BENCHMARKS = ("overhead", "lookup", "bringup", "memory")
+BENCHMARKS = ("overhead", "lookup", "bringup", "memory", "session", "hedging", "plans", "gateway")
 README = Path(__file__).resolve().parent / "README.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 # Tables copied into the README per benchmark (by position); the rest stay in results/.
-MAIN_TABLES = {"overhead": (0, 1, 2, 3), "lookup": (0, 1, 2, 3), "bringup": (0, 1), "memory": (0, 1, 2)}
+MAIN_TABLES = {
+    "overhead": (0, 1, 2, 3),
+    "lookup": (0, 1, 2, 3),
+    "bringup": (0, 1),
+    "memory": (0, 1, 2),
+    "session": (0, 1, 2, 3),
+    "hedging": (1,),
+    "plans": (0,),
+    "gateway": (1,),
+}
 
 
 def run(name: str, quick: bool) -> dict[str, Any]:
