@@ -114,6 +114,22 @@ class Host(abc.ABC):
     def add_peer_listener(self, on_peer: PeerListener, on_disconnect: DisconnectListener | None = None) -> None:
         """Called (synchronously, must not block) when a peer is identified / disconnects."""
 
+    # -- circuit relay (modelnet.p2p.relay) ----------------------------------------------
+
+    _relay_addrs: tuple[str, ...] = ()
+
+    def set_relay_addrs(self, addrs: Sequence[str]) -> None:
+        """Circuit addresses (``…/p2p/<relay>/p2p-circuit``) this host is reachable at
+        through relays that hold a reservation for it; ``listen_addrs`` lists them after
+        the direct ones, so identify, the DHT and capability records carry them."""
+        self._relay_addrs = tuple(addrs)
+
+    @abc.abstractmethod
+    async def serve_relayed(self, stream: Stream, remote: PeerID) -> None:
+        """Run an inbound connection from ``remote`` over ``stream``, a circuit a relay
+        spliced (handed over by the STOP handler), until it ends. Dialling a circuit
+        address (``…/p2p-circuit``) is the outbound side, inside ``connect``."""
+
 
 def full_address(addr: str, peer: PeerID) -> str:
     """``addr`` with the ``/p2p/<peer>`` suffix, the form users copy around."""

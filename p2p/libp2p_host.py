@@ -27,6 +27,11 @@ py-libp2p does not (see /work/shared/notes/py-libp2p-0.8.1.md):
   given one: a dial that fails during the handshake then names the likely cause (the
   peer has no key, or another one), and an inbound connection from a stranger is logged
   at INFO and dropped while the host keeps serving;
+- dials circuit relay addresses (``…/p2p/<relay>/p2p-circuit``, :mod:`.relay`) and
+  accepts the circuits a relay opens to it: the spliced stream is upgraded like a TCP
+  socket (pnet if any, Noise, Yamux) and added to the swarm, so the relay sees only
+  ciphertext and everything above runs unchanged (identify still advertises only the
+  direct addresses: py-libp2p strips a ``/p2p/<relay>`` from every advertised address);
 - closes the host inside ``run()`` (the only path that closes sockets) and takes over the
   ``libp2p`` logger (records at WARNING and above go to ``modelnet.p2p.libp2p``; those
   about a dial that fails are demoted to DEBUG, since the caller gets a DialError).
@@ -54,6 +59,7 @@ from libp2p.host.basic_host import BasicHost
 from libp2p.identity.identify.identify import ID as IDENTIFY_PROTOCOL
 from libp2p.identity.identify.pb.identify_pb2 import Identify
 from libp2p.network.config import ConnectionConfig, RetryConfig
+from libp2p.network.connection.exceptions import RawConnError
 from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.network.stream.exceptions import StreamReset as Libp2pStreamReset
 from libp2p.peer.id import ID as Libp2pID
@@ -71,6 +77,7 @@ from modelnet.protocols.errors import ProtocolError, RemoteProtocolError
 from modelnet.protocols.framing import decode_uvarint, encode_uvarint
 
 from .errors import BadAddress, DialError, HostClosed, P2PError, ProtocolNotSupported, StreamClosed, StreamReset
+from . import relay
 from .host import DisconnectListener, Host, PeerInfo, PeerListener, Stream, StreamHandler
 from .pnet import NONCE_BYTES, HandshakeCheck, SwarmKey, SwarmMismatch, XSalsa20
 from .streams import (
@@ -268,6 +275,40 @@ class _GuardedConnection(IRawConnection):
 
     def get_connection_type(self) -> ConnectionType:
         return self._conn.get_connection_type()
+
+
+class _RelayedRawConnection(IRawConnection):
+    """A circuit through a relay (one of our streams), as the raw connection libp2p
+    secures and muxes: its reset or loss reads as a broken socket."""
+
+    def __init__(self, stream: Stream, is_initiator: bool, address: str) -> None:
+        self._stream = stream
+        self.is_initiator = is_initiator
+        self._address = address
+
+    async def read(self, n: int | None = None) -> bytes:
+        try:
+            return await self._stream.read(n if n is not None and n > 0 else 65536)
+        except P2PError as exc:
+            raise RawConnError(f"relayed connection: {exc}") from None
+
+    async def write(self, data: bytes) -> None:
+        try:
+            await self._stream.write(data)
+        except P2PError as exc:
+            raise RawConnError(f"relayed connection: {exc}") from None
+
+    async def close(self) -> None:
+        await self._stream.reset()  # both ways at once, as closing a socket does
+
+    def get_remote_address(self) -> tuple[str, int] | None:
+        return None
+
+    def get_transport_addresses(self) -> list[multiaddr.Multiaddr]:
+        return [multiaddr.Multiaddr(self._address)]
+
+    def get_connection_type(self) -> ConnectionType:
+        return ConnectionType.RELAYED
 
 
 class _NoSwarmKey:
@@ -610,7 +651,7 @@ class Libp2pHost(Host):
     # -- Host interface ------------------------------------------------------------
 
     def listen_addrs(self) -> list[str]:
-        return _advertised(self._basic.get_transport_addrs())
+        return _advertised(self._basic.get_transport_addrs()) + list(self._relay_addrs)
 
     def set_stream_handler(self, protocol: str, handler: StreamHandler) -> None:
         self._handlers[protocol] = handler
@@ -669,6 +710,20 @@ class Libp2pHost(Host):
         net_stream.set_protocol(protocol)
         return _Libp2pStream(net_stream, protocol, peer, pending)
 
+    async def serve_relayed(self, stream: Stream, remote: PeerID) -> None:
+        self._check_open()
+        address = f"/p2p/{stream.remote_peer}/p2p-circuit/p2p/{remote}"
+        raw = _RelayedRawConnection(stream, False, address)
+        try:
+            muxed = await self._network.upgrade_inbound_raw_conn(raw, multiaddr.Multiaddr(address))
+        except (BaseLibp2pError, OSError) as exc:
+            logger.info("relayed connection from %s failed: %s", remote, _dial_failure(exc))
+            return
+        if muxed.peer_id != _to_libp2p(remote):  # Noise proved who it is; the relay said otherwise
+            logger.warning("relay %s announced %s but %s connected", stream.remote_peer, remote, muxed.peer_id)
+        # the circuit's stream must live as long as the connection over it
+        await muxed.event_closed.wait()
+
     async def disconnect(self, peer: PeerID) -> None:
         try:
             await self._network.close_peer(_to_libp2p(peer))
@@ -703,7 +758,22 @@ class Libp2pHost(Host):
                 raise DialError(str(mismatch)) from None
             raise DialError(_dial_failure(exc)) from None
 
+    async def _dial_circuit(self, peer: PeerID, addr: str) -> None:
+        carrier, _limit = await relay.open_circuit(self, addr, peer)
+        raw = _protected_conn(_RelayedRawConnection(carrier, True, addr), self._network.psk)
+        try:
+            with trio.fail_after(DIAL_TIMEOUT):
+                await self._network.upgrade_outbound_raw_conn(raw, _to_libp2p(peer))
+        except BaseException:
+            await carrier.reset()
+            raise
+
     async def _dial_libp2p(self, libp2p_peer: Libp2pID, addr: str) -> None:
+        if relay.is_circuit(addr):
+            peer = _from_libp2p(libp2p_peer)
+            assert peer is not None  # we dial only peers we can name
+            await self._dial_circuit(peer, addr)
+            return
         maddr = _parse_addr(addr).decapsulate_code(P_P2P)  # the peer id is the one we expect
         peerstore = self._network.peerstore
         # exactly this address, and no blacklist left by an earlier failure

@@ -24,6 +24,10 @@ Model (what a test can rely on):
 - A stream handler runs in the remote host's nursery; an exception escaping it is
   logged and resets the stream; when it returns, its side of the stream is closed.
   Closing or crashing a host cancels its handlers.
+- A host opened with ``dialable=False`` is behind "NAT": it dials out, but dials to it
+  are refused. Others reach it through a circuit relay (:mod:`.relay`): the relayed
+  connection is a small muxer (:class:`_Circuit`) over the spliced stream, so its bytes
+  really cross the relay, which can count and cut them.
 """
 
 from __future__ import annotations
@@ -41,9 +45,12 @@ import trio
 
 from modelnet.errors import unwrapping_groups
 from modelnet.identity import PeerID, PrivateKey
+from modelnet.protocols.errors import ProtocolError
+from modelnet.protocols.framing import FrameDecoder, decode_uvarint, encode_frame, encode_uvarint
 
 from .errors import DialError, HostClosed, P2PError, ProtocolNotSupported, StreamClosed, StreamReset
 from .host import DisconnectListener, Host, PeerInfo, PeerListener, Stream, StreamHandler
+from . import relay
 from .streams import (
     DIAL_TIMEOUT,
     NEGOTIATE_TIMEOUT,
@@ -214,6 +221,10 @@ class MemoryStream(Stream):
 
     async def write(self, data: bytes) -> None:
         await trio.lowlevel.checkpoint()
+        self.write_nowait(data)
+
+    def write_nowait(self, data: bytes) -> None:
+        """:meth:`write` without the checkpoint: writes from several tasks keep their order."""
         channel = self._channel
         pipe = channel.pipes[self._side]
         if channel.is_reset:
@@ -222,6 +233,9 @@ class MemoryStream(Stream):
             raise StreamClosed(f"stream {self.protocol} to {self.remote_peer} is closed")
         if data:
             self._send(pipe, bytes(data))
+
+    def reset_nowait(self) -> None:
+        self._channel.reset()
 
     def _send(self, pipe: _Pipe, data: bytes | None) -> None:
         channel = self._channel
@@ -262,10 +276,14 @@ class MemoryStream(Stream):
 class MemoryHost(Host):
     """A host on a :class:`MemoryNetwork`; make one with ``network.open_host(key)``."""
 
-    def __init__(self, network: "MemoryNetwork", key: PrivateKey, address: str, nursery: trio.Nursery) -> None:
+    def __init__(
+        self, network: "MemoryNetwork", key: PrivateKey, address: str, nursery: trio.Nursery, dialable: bool = True
+    ) -> None:
         self.network = network
         self.peer_id = key.peer_id
         self.address = address
+        self.dialable = dialable
+        self._circuits: dict[PeerID, _Circuit] = {}  # relayed connections
         self._nursery = nursery
         self._alive = True
         self._handlers: dict[str, StreamHandler] = {}
@@ -277,7 +295,7 @@ class MemoryHost(Host):
     # -- Host interface ------------------------------------------------------------
 
     def listen_addrs(self) -> list[str]:
-        return [self.address]
+        return ([self.address] if self.dialable else []) + list(self._relay_addrs)
 
     def set_stream_handler(self, protocol: str, handler: StreamHandler) -> None:
         self._handlers[protocol] = handler
@@ -299,6 +317,8 @@ class MemoryHost(Host):
     async def new_stream(self, peer: PeerID, protocols: Sequence[str]) -> Stream:
         self._check_alive()
         conn = await self._connection_to(peer, ())
+        if isinstance(conn, _Circuit):
+            return await conn.open_stream(protocols)
         remote = conn.other(self)
         network = self.network
         one_way = network._one_way(self.peer_id, peer)
@@ -335,10 +355,18 @@ class MemoryHost(Host):
         conn = self._conns.get(peer)
         if conn is not None:
             self.network._drop(conn)
+        circuit = self._circuits.get(peer)
+        if circuit is not None:
+            circuit.abort()
         await trio.lowlevel.checkpoint()
 
     def connected_peers(self) -> list[PeerID]:
-        return list(self._conns)
+        return list(dict.fromkeys([*self._conns, *self._circuits]))
+
+    async def serve_relayed(self, stream: Stream, remote: PeerID) -> None:
+        if not isinstance(stream, MemoryStream):
+            raise P2PError("a memory host relays only over memory streams")
+        await self._run_circuit(_Circuit(self, stream, remote, initiator=False))
 
     def add_peer_listener(self, on_peer: PeerListener, on_disconnect: DisconnectListener | None = None) -> None:
         self._listeners.add(on_peer, on_disconnect)
@@ -349,17 +377,19 @@ class MemoryHost(Host):
         if not self._alive:
             raise HostClosed(f"host {self.peer_id} is closed")
 
-    async def _connection_to(self, peer: PeerID, addrs: Sequence[str]) -> _Connection:
+    async def _connection_to(self, peer: PeerID, addrs: Sequence[str]) -> "_Connection | _Circuit":
         if peer == self.peer_id:
             raise DialError("a host cannot dial itself")
         self.add_addrs(peer, addrs)
-        conn = self._conns.get(peer)
+        conn = self._conns.get(peer) or self._circuits.get(peer)
         if conn is not None:
             return conn
         return await dial_in_order(self._addrbook, peer, addrs, functools.partial(self._dial, peer))
 
-    async def _dial(self, peer: PeerID, addr: str) -> _Connection:
+    async def _dial(self, peer: PeerID, addr: str) -> "_Connection | _Circuit":
         """One address: DialError for a failure there, as :func:`dial_in_order` expects."""
+        if relay.is_circuit(addr):
+            return await self._dial_circuit(peer, addr)
         network = self.network
         network.stats.dials += 1
         target = network._by_addr.get(addr)
@@ -372,7 +402,7 @@ class MemoryHost(Host):
         if conn is not None:  # a concurrent dial (ours or theirs) won
             return conn
         target = network._by_addr.get(addr)  # it may have crashed meanwhile
-        if target is None:
+        if target is None or not target.dialable:
             raise DialError("connection refused")
         if target.peer_id != peer:
             raise DialError(f"answered as {target.peer_id}, not {peer}")
@@ -380,18 +410,46 @@ class MemoryHost(Host):
             raise DialError("unreachable (partitioned)")
         return network._connect(self, target)
 
-    def _start_handler(self, handler: StreamHandler, stream: MemoryStream) -> None:
+    async def _dial_circuit(self, peer: PeerID, addr: str) -> "_Circuit":
+        carrier, _limit = await relay.open_circuit(self, addr, peer)
+        existing = self._circuits.get(peer) or self._conns.get(peer)
+        if existing is not None:  # a concurrent dial won
+            carrier.reset_nowait()
+            return existing  # type: ignore[return-value]
+        if not isinstance(carrier, MemoryStream):
+            raise DialError("a memory host relays only over memory streams")
+        circuit = _Circuit(self, carrier, peer, initiator=True)
+        self._nursery.start_soon(self._run_circuit, circuit)
+        return circuit
+
+    async def _run_circuit(self, circuit: "_Circuit") -> None:
+        """A relayed connection's life: registered and identified, its reader, then gone."""
+        peer = circuit.remote
+        self._circuits[peer] = circuit
+        remote = self.network._hosts.get(peer)
+        if remote is not None:  # identify, for free, as on a direct connection
+            self._identified(remote._info())
+        try:
+            await circuit.run()
+        finally:
+            circuit.abort()
+            if self._circuits.get(peer) is circuit:
+                del self._circuits[peer]
+                if self._alive and peer not in self._conns:
+                    self._listeners.disconnected(peer)
+
+    def _start_handler(self, handler: StreamHandler, stream: "MemoryStream | _MuxStream") -> None:
         # only called on a live connection, so this host is alive and its nursery open
         self._nursery.start_soon(self._run_handler, handler, stream)
 
-    async def _run_handler(self, handler: StreamHandler, stream: MemoryStream) -> None:
+    async def _run_handler(self, handler: StreamHandler, stream: "MemoryStream | _MuxStream") -> None:
         with trio.CancelScope() as scope:
             self._handler_scopes.add(scope)
             try:
                 await handler(stream)
             except Exception:
                 logger.exception("handler for %s from %s failed; stream reset", stream.protocol, stream.remote_peer)
-                stream._channel.reset()
+                stream.reset_nowait()
             else:
                 stream.close_nowait()  # as trio's serve_* do: the handler owned the stream
             finally:
@@ -402,7 +460,7 @@ class MemoryHost(Host):
         self._listeners.identified(info)
 
     def _info(self) -> PeerInfo:
-        return PeerInfo(self.peer_id, (self.address,), frozenset(self._handlers))
+        return PeerInfo(self.peer_id, tuple(self.listen_addrs()), frozenset(self._handlers))
 
     def _shutdown(self) -> None:
         """Stop everything at once: handlers cancelled, connections dropped, no goodbye."""
@@ -413,10 +471,218 @@ class MemoryHost(Host):
             scope.cancel()
         for conn in list(self._conns.values()):
             self.network._drop(conn, quiet=self)
+        for circuit in list(self._circuits.values()):
+            circuit.abort()
         self.network._unregister(self)
 
     def __repr__(self) -> str:
         return f"MemoryHost({self.peer_id.short()} at {self.address})"
+
+
+# The muxer of relayed connections: frames [uvarint stream id][kind][payload], each one
+# length-prefixed. Stream ids are odd from the dialler, even from the listener.
+_OPEN, _ACCEPT, _REFUSE, _DATA, _FIN, _RST = range(6)
+_MUX_CHUNK = 65536  # payload bytes per DATA frame
+_MUX_MAX_FRAME = _MUX_CHUNK + 16
+
+
+class _Circuit:
+    """A connection over a relayed stream (``carrier``): the memory network moves whole
+    streams, not bytes on a socket, so a relayed connection needs a muxer of its own. Like
+    the rest of the memory network it has no flow control. Writes are synchronous, so
+    frames from several tasks never interleave."""
+
+    def __init__(self, host: MemoryHost, carrier: MemoryStream, remote: PeerID, *, initiator: bool) -> None:
+        self.host = host
+        self.carrier = carrier
+        self.remote = remote
+        self.alive = True
+        self._next_id = 1 if initiator else 2
+        self._streams: dict[int, _MuxStream] = {}
+        self._decoder = FrameDecoder(_MUX_MAX_FRAME)
+
+    def send(self, stream_id: int, kind: int, payload: bytes = b"") -> None:
+        if not self.alive:
+            raise StreamReset(f"relayed connection to {self.remote} is down")
+        try:
+            self.carrier.write_nowait(encode_frame(encode_uvarint(stream_id) + bytes((kind,)) + payload, _MUX_MAX_FRAME))
+        except StreamClosed:
+            self.abort()
+            raise StreamReset(f"relayed connection to {self.remote} was cut") from None
+
+    async def open_stream(self, protocols: Sequence[str]) -> "_MuxStream":
+        stream_id = self._next_id
+        self._next_id += 2
+        stream = self._streams[stream_id] = _MuxStream(self, stream_id, "", self.remote)
+        try:
+            self.send(stream_id, _OPEN, "\n".join(protocols).encode())
+            with trio.fail_after(NEGOTIATE_TIMEOUT):
+                await stream.negotiated.wait()
+        except trio.TooSlowError:
+            raise DialError(f"stream negotiation with {self.remote} over a relay timed out") from None
+        except BaseException:
+            stream.reset_nowait()
+            raise
+        if stream.refused:
+            raise ProtocolNotSupported(f"{self.remote} supports none of {list(protocols)}")
+        if stream.is_reset:
+            raise DialError(f"relayed connection to {self.remote} dropped while opening a stream")
+        return stream
+
+    async def run(self) -> None:
+        """Read frames until the carrier ends; then every stream is reset."""
+        try:
+            while True:
+                data = await self.carrier.read(_MUX_MAX_FRAME)
+                if not data:
+                    return
+                self._decoder.receive_data(data)
+                while (frame := self._decoder.next_frame()) is not None:
+                    self._dispatch(frame)
+        except (StreamClosed, ProtocolError) as exc:
+            logger.info("relayed connection to %s ended: %s", self.remote, exc)
+        finally:
+            self.abort()
+
+    def _dispatch(self, frame: bytes) -> None:
+        header = decode_uvarint(frame)
+        if header is None or header[1] >= len(frame):
+            raise ProtocolError("truncated mux frame")
+        stream_id, pos = header
+        kind, payload = frame[pos], frame[pos + 1 :]
+        if kind == _OPEN:
+            self._accept(stream_id, payload)
+            return
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return  # frames after a reset
+        if kind == _ACCEPT:
+            stream.protocol = payload.decode("utf-8", "replace")
+            stream.negotiated.set()
+        elif kind == _REFUSE:
+            stream.refused = True
+            stream.forget()
+        elif kind == _DATA:
+            stream.feed(payload)
+        elif kind == _FIN:
+            stream.feed_eof()
+        elif kind == _RST:
+            stream.forget()
+
+    def _accept(self, stream_id: int, payload: bytes) -> None:
+        if stream_id in self._streams or stream_id % 2 == self._next_id % 2:
+            raise ProtocolError(f"mux stream {stream_id} opened twice or with our parity")
+        handlers = self.host._handlers
+        protocol = next((p for p in payload.decode("utf-8", "replace").split("\n") if p in handlers), None)
+        if protocol is None:
+            self.send(stream_id, _REFUSE)
+            return
+        stream = self._streams[stream_id] = _MuxStream(self, stream_id, protocol, self.remote)
+        stream.negotiated.set()
+        self.send(stream_id, _ACCEPT, protocol.encode())
+        self.host._start_handler(handlers[protocol], stream)
+
+    def abort(self) -> None:
+        if not self.alive:
+            return
+        self.alive = False
+        for stream in list(self._streams.values()):
+            stream.forget()
+        self.carrier.reset_nowait()
+
+
+class _MuxStream(Stream):
+    """One stream of a relayed connection."""
+
+    def __init__(self, circuit: _Circuit, stream_id: int, protocol: str, remote_peer: PeerID) -> None:
+        self._circuit = circuit
+        self._id = stream_id
+        self.protocol = protocol
+        self.remote_peer = remote_peer
+        self.negotiated = trio.Event()
+        self.refused = False
+        self.is_reset = False
+        self._buffer = bytearray()
+        self._eof = False  # the remote's FIN
+        self._closed = False  # our FIN
+        self._waiter: trio.Event | None = None
+
+    def _wake(self) -> None:
+        if self._waiter is not None:
+            self._waiter.set()
+            self._waiter = None
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+        self._wake()
+
+    def feed_eof(self) -> None:
+        self._eof = True
+        self._wake()
+        if self._closed:
+            self._circuit._streams.pop(self._id, None)
+
+    def forget(self) -> None:
+        """Reset by the remote or by the circuit going down."""
+        self.is_reset = True
+        self.negotiated.set()
+        self._wake()
+        self._circuit._streams.pop(self._id, None)
+
+    async def read(self, max_bytes: int = 65536) -> bytes:
+        await trio.lowlevel.checkpoint()
+        while True:
+            if self._buffer:
+                data = bytes(self._buffer[:max_bytes])
+                del self._buffer[:max_bytes]
+                return data
+            if self.is_reset:
+                raise StreamReset(f"stream {self.protocol} with {self.remote_peer} was reset")
+            if self._eof:
+                return b""
+            self._waiter = trio.Event()
+            await self._waiter.wait()
+
+    async def write(self, data: bytes) -> None:
+        await trio.lowlevel.checkpoint()
+        if self.is_reset:
+            raise StreamReset(f"stream {self.protocol} to {self.remote_peer} was reset")
+        if self._closed:
+            raise StreamClosed(f"stream {self.protocol} to {self.remote_peer} is closed")
+        data = bytes(data)
+        for start in range(0, len(data), _MUX_CHUNK):
+            self._circuit.send(self._id, _DATA, data[start : start + _MUX_CHUNK])
+
+    async def close(self) -> None:
+        await trio.lowlevel.checkpoint()
+        self.close_nowait()
+
+    def close_nowait(self) -> None:
+        if self.is_reset or self._closed:
+            return
+        self._closed = True
+        try:
+            self._circuit.send(self._id, _FIN)
+        except StreamClosed:
+            return
+        if self._eof:
+            self._circuit._streams.pop(self._id, None)
+
+    async def reset(self) -> None:
+        self.reset_nowait()
+        await trio.lowlevel.checkpoint()
+
+    def reset_nowait(self) -> None:
+        if self.is_reset:
+            return
+        self.forget()
+        try:
+            self._circuit.send(self._id, _RST)
+        except StreamClosed:
+            pass
+
+    def __repr__(self) -> str:
+        return f"MuxStream({self.protocol}, remote={self.remote_peer.short()}, relayed)"
 
 
 class MemoryNetwork:
@@ -442,8 +708,11 @@ class MemoryNetwork:
         return types.MappingProxyType(self._hosts)
 
     @asynccontextmanager
-    async def open_host(self, key: PrivateKey) -> AsyncIterator[MemoryHost]:
-        """``async with network.open_host(key) as host``; leaving closes it abruptly."""
+    async def open_host(self, key: PrivateKey, *, dialable: bool = True) -> AsyncIterator[MemoryHost]:
+        """``async with network.open_host(key) as host``; leaving closes it abruptly.
+
+        ``dialable=False``: a host behind NAT; it dials out, nobody can dial it (only a
+        circuit relay it reserved on reaches it)."""
         peer = key.peer_id
         if peer in self._hosts:
             raise P2PError(f"{peer} is already on this network")
@@ -451,7 +720,7 @@ class MemoryNetwork:
         self._next_addr += 1
         with unwrapping_groups():
             async with trio.open_nursery() as nursery:
-                host = MemoryHost(self, key, address, nursery)
+                host = MemoryHost(self, key, address, nursery, dialable)
                 self._hosts[peer] = host
                 self._by_addr[address] = host
                 try:
