@@ -194,7 +194,8 @@ def verification_costs(n: int) -> tuple[float, float]:
     now = time.time()
     public = record.sign(key, seq=1, expires=now + 3600).encode()
     secret = records_key(ORG)
-    _, sealed = private.seal_record(key, record, records_key=secret, seq=1, expires=now + 3600)
+    certificate = issue_certificate(ORG, "bench", key.peer_id, now=now, expires=now + 86400)
+    _, sealed = private.seal_record(key, record, records_key=secret, certificate=certificate, seq=1, expires=now + 3600)
     sealed_bytes = sealed.encode()
     started = time.perf_counter()
     for _ in range(n):
@@ -202,7 +203,9 @@ def verification_costs(n: int) -> tuple[float, float]:
     public_cost = (time.perf_counter() - started) / n
     started = time.perf_counter()
     for _ in range(n):
-        private.open_private_record(sealed_bytes, records_key=secret, now=now, peer=key.peer_id)
+        private.open_private_record(
+            sealed_bytes, records_key=secret, org=ORG.peer_id, now=now, peer=key.peer_id, is_revoked=lambda org, member: False
+        )
     return public_cost, (time.perf_counter() - started) / n
 
 

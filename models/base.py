@@ -22,7 +22,21 @@ from modelnet.errors import ModelNetError
 
 
 class ModelError(ModelNetError):
-    """Base of model errors; also raised when a model fails while running."""
+    """Base of model errors; also raised when a model fails while running.
+
+    ``str(error)`` is the full text, for local logs and local users. ``public`` is what a
+    remote asker is told: by default the same text (backends' own messages), but a
+    backend quoting something it does not control (a model server's error body, which
+    may echo a key or internal details) passes a ``public`` text without it.
+    """
+
+    def __init__(self, message: str, *, public: str | None = None) -> None:
+        super().__init__(message)
+        self._public = public
+
+    @property
+    def public(self) -> str:
+        return self._public if self._public is not None else str(self)
 
 
 class UnknownModel(ModelError):
@@ -40,21 +54,36 @@ class UpstreamError(ModelError):
     provider may well succeed.
     """
 
-    def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__(message)
+    what = "upstream failed"  # the kind of failure, all a remote asker is told
+
+    def __init__(self, message: str, status: int | None = None, *, public: str | None = None) -> None:
+        super().__init__(message, public=public)
         self.status = status
+
+    @property
+    def public(self) -> str:
+        """Never the model server's words: only what kind of failure, and the status."""
+        if self._public is not None:
+            return self._public
+        return f"{self.what} (HTTP {self.status})" if self.status is not None else self.what
 
 
 class UpstreamTimeout(UpstreamError):
     """The model server did not answer (or stopped streaming) within the backend's timeout."""
 
+    what = "upstream timed out"
+
 
 class UpstreamUnavailable(UpstreamError):
     """The model server could not be reached (connection refused, reset, DNS)."""
 
+    what = "upstream unreachable"
+
 
 class UpstreamBusy(UpstreamError):
     """The model server said it is overloaded (HTTP 429): busy, not broken."""
+
+    what = "upstream busy"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

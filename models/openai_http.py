@@ -171,6 +171,7 @@ class OpenAIBackend(Backend):
         context_length: int | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.label = _without_credentials(self.base_url)  # for logs and messages: never user:pass@
         self.api_key = api_key
         self.read_timeout = read_timeout
         self.context_length = context_length
@@ -205,13 +206,13 @@ class OpenAIBackend(Backend):
     def _add(self, model_id: str, task: str, context_length: int | None) -> None:
         name = network_name(model_id)
         if not name or not name.strip("-"):
-            logger.warning("%s: model id %r has no usable name; skipped", self.base_url, model_id)
+            logger.warning("%s: model id %r has no usable name; skipped", self.label, model_id)
             return
         if name in self._models and self._models[name].upstream_id != model_id:
-            logger.warning("%s: models %r and %r share the name %r; serving the first", self.base_url, self._models[name].upstream_id, model_id, name)
+            logger.warning("%s: models %r and %r share the name %r; serving the first", self.label, self._models[name].upstream_id, model_id, name)
             return
         if len(self._models) >= MAX_MODELS and name not in self._models:
-            logger.warning("%s: more than %d models; %r skipped", self.base_url, MAX_MODELS, model_id)
+            logger.warning("%s: more than %d models; %r skipped", self.label, MAX_MODELS, model_id)
             return
         input_bytes = DEFAULT_INPUT_BYTES if context_length is None else context_length * BYTES_PER_TOKEN
         description = {
@@ -243,14 +244,14 @@ class OpenAIBackend(Backend):
             listed = _model_entries(body)
         except UpstreamError as exc:
             if not self._declared:
-                raise UpstreamError(f"cannot list the models of {self.base_url}: {exc}", exc.status) from None
-            logger.warning("%s: cannot list models (%s); serving the declared ones", self.base_url, exc)
+                raise UpstreamError(f"cannot list the models of {self.label}: {exc}", exc.status) from None
+            logger.warning("%s: cannot list models (%s); serving the declared ones", self.label, exc)
             return self.models()
         tasks = dict(self._declared)
         if self._declared:
             missing = [m for m in tasks if m not in listed]
             if missing:
-                logger.warning("%s does not list %s; serving them anyway", self.base_url, missing)
+                logger.warning("%s does not list %s; serving them anyway", self.label, missing)
             chosen = list(tasks)
         else:
             chosen = list(listed)
@@ -259,7 +260,7 @@ class OpenAIBackend(Backend):
             context = self.context_length or listed.get(model_id)
             self._add(model_id, tasks.get(model_id) or default_task(model_id), context)
         self._discovered = True
-        logger.info("%s serves %s", self.base_url, ", ".join(self._models) or "no models")
+        logger.info("%s serves %s", self.label, ", ".join(self._models) or "no models")
         return self.models()
 
     async def warm(self) -> None:
@@ -311,8 +312,13 @@ class OpenAIBackend(Backend):
         run = trio.lowlevel.current_root_task()
         if self._client is None or self._client_run is not run:
             headers = {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+            url = httpx.URL(self.base_url)
+            # credentials in the URL go as basic auth (what httpx would do with them), so
+            # that the URL httpx logs for every request does not carry them
+            auth = httpx.BasicAuth(url.username, url.password) if url.username or url.password else None
             self._client = httpx.AsyncClient(
-                base_url=self.base_url,
+                base_url=self.label,
+                auth=auth,
                 headers=headers,
                 timeout=httpx.Timeout(self.read_timeout, connect=CONNECT_TIMEOUT),
                 limits=httpx.Limits(max_connections=64, keepalive_expiry=KEEPALIVE_SECONDS),
@@ -368,15 +374,25 @@ def _status_error(path: str, status: int, detail: bytes) -> ModelError:
     except ValueError:
         message = detail.decode("utf-8", "replace").strip()[:300] or "no details"
     text = f"{path}: HTTP {status}: {message}"
+    # The body is the model server's (it may echo our key or name internals): local text
+    # only; a remote asker is told the kind of failure and the status (``public``).
     if status in (400, 413, 422):
-        return InvalidInput(f"the model server refused the input: {text}")
+        return InvalidInput(f"the model server refused the input: {text}", public=f"the model server refused the input (HTTP {status})")
     if status == 404:
-        return UnknownModel(text)
+        return UnknownModel(text, public="the model server does not know the model (HTTP 404)")
     if status == 429:
         return UpstreamBusy(text, status)
     if status in (401, 403):
         return UpstreamError(f"{text} (is the API key in the key_env variable right?)", status)
     return UpstreamError(text, status)
+
+
+def _without_credentials(url: str) -> str:
+    """``url`` without the ``user:pass@`` part it may carry."""
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def _error_message(body: Any) -> str:

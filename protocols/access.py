@@ -2,15 +2,21 @@
 
 A policy admits a peer if it is public, if the peer's id is listed, or if the peer presents
 a valid membership certificate of one of the listed organisations (issued to the very peer
-id the Noise handshake authenticated, not expired, not revoked, with one of the policy's
-roles when it names any). Roles apply to members of every organisation of the policy.
+id the Noise handshake authenticated, not expired, not revoked, and holding one of the
+roles the policy gives for *that* organisation, if it gives any). Roles are per
+organisation: ``org:A:role=admin,org:B`` admits A's admins and every member of B.
 
 Text form (the CLI's ``--policy MODEL=…``): ``public``, or comma-separated terms
-``org:<org peer id>``, ``org:<org peer id>:role=<role>``, ``peer:<peer id>``.
+``org:<org peer id>``, ``org:<org peer id>:role=<role>``, ``peer:<peer id>``. Several
+``role=`` terms for one organisation add roles (any one suffices); naming an organisation
+both with and without roles is an error (one of the two would be meaningless).
 
 Wire form (canonical msgpack map; unknown fields ignored)::
 
-    {"orgs": [peer id bytes…], "roles": [str…], "peers": [peer id bytes…]}
+    {"orgs": [{"org": peer id bytes, "roles": [str…]}…], "peers": [peer id bytes…]}
+
+An empty ``roles`` admits every member. A top-level ``roles`` field (the pooled form of
+earlier versions) is refused rather than ignored, so roles are never lost on the way.
 
 Revocation lists live in the DHT under ``/modelnet/org/<org>/revoked``;
 :class:`RevocationValidator` is the rule of that namespace (signed by the org the key
@@ -20,7 +26,7 @@ names, newer seq wins).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from modelnet.identity import InvalidPeerId, PeerID, canonical
 from modelnet.identity.org import (
@@ -44,7 +50,7 @@ from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from .messages import decode_map, field, peer_input
 
 MAX_POLICY_ORGS = 16
-MAX_POLICY_ROLES = 16
+MAX_POLICY_ROLES = 16  # per organisation
 MAX_POLICY_PEERS = 256
 MAX_POLICY_BYTES = 16 << 10
 
@@ -91,55 +97,94 @@ def _check_role(role: Any) -> str:
     return role
 
 
+OrgRoles = tuple[tuple[PeerID, tuple[str, ...]], ...]  # ((org, roles), …): only orgs that name roles
+
+
+def _org_roles(value: Any, orgs: tuple[PeerID, ...]) -> OrgRoles:
+    """``roles`` as given (a mapping or ``(org, roles)`` pairs) in the order of ``orgs``."""
+    if not isinstance(value, (Mapping, tuple, list)):
+        raise LocalProtocolError("policy roles must map organisations to roles")
+    pairs = value.items() if isinstance(value, Mapping) else value
+    by_org: dict[PeerID, tuple[str, ...]] = {}
+    for pair in pairs:
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not isinstance(pair[0], PeerID):
+            raise LocalProtocolError("policy roles are per organisation: {org PeerID: (role, …)}")
+        org, roles = pair
+        if org not in orgs:
+            raise LocalProtocolError(f"policy gives roles to {org}, which it does not name")
+        if org in by_org:
+            raise LocalProtocolError(f"policy gives roles to {org} twice")
+        if isinstance(roles, str) or not isinstance(roles, (tuple, list)):
+            raise LocalProtocolError("the roles of an organisation must be a sequence of role names")
+        roles = tuple(dict.fromkeys(map(_check_role, roles)))
+        if len(roles) > MAX_POLICY_ROLES:
+            raise LocalProtocolError(f"a policy names at most {MAX_POLICY_ROLES} roles per organisation")
+        if roles:
+            by_org[org] = roles
+    return tuple((org, by_org[org]) for org in orgs if org in by_org)
+
+
 @dataclasses.dataclass(frozen=True)
 class AccessPolicy:
+    """Who may use a model. ``roles`` gives, per organisation, the roles that admit its
+    members (at least one needed); an organisation without an entry admits every member."""
+
     orgs: tuple[PeerID, ...] = ()
-    roles: tuple[str, ...] = ()
+    roles: OrgRoles = ()
     peers: tuple[PeerID, ...] = ()
 
     def __post_init__(self) -> None:
-        for name, limit in (("orgs", MAX_POLICY_ORGS), ("roles", MAX_POLICY_ROLES), ("peers", MAX_POLICY_PEERS)):
+        for name, limit in (("orgs", MAX_POLICY_ORGS), ("peers", MAX_POLICY_PEERS)):
             value = getattr(self, name)
             if not isinstance(value, (tuple, list)):
                 raise LocalProtocolError(f"policy {name} must be a sequence")
-            value = _peers(value, f"policy {name}") if name != "roles" else tuple(dict.fromkeys(map(_check_role, value)))
+            value = _peers(value, f"policy {name}")
             if len(value) > limit:
                 raise LocalProtocolError(f"a policy names at most {limit} {name}")
             object.__setattr__(self, name, value)
-        if self.roles and not self.orgs:
-            raise LocalProtocolError("a policy with roles must name an organisation")
+        object.__setattr__(self, "roles", _org_roles(self.roles, self.orgs))
 
     @property
     def public(self) -> bool:
         return not self.orgs and not self.peers
 
+    def roles_of(self, org: PeerID) -> tuple[str, ...]:
+        """The roles that admit members of ``org`` (empty: any member)."""
+        return dict(self.roles).get(org, ())
+
     def __str__(self) -> str:
         if self.public:
             return "public"
-        terms = [f"org:{org}" for org in self.orgs]
-        if self.roles:  # roles bind every org; written once per org they apply to
-            terms = [f"{term}:role={role}" for term in terms for role in self.roles]
+        terms = []
+        for org in self.orgs:
+            roles = self.roles_of(org)
+            terms += [f"org:{org}:role={role}" for role in roles] if roles else [f"org:{org}"]
         return ",".join(terms + [f"peer:{peer}" for peer in self.peers])
 
     # -- wire form ----------------------------------------------------------------------
 
     def encode(self) -> bytes:
-        return canonical.encode(
-            {"orgs": [o.bytes for o in self.orgs], "roles": list(self.roles), "peers": [p.bytes for p in self.peers]}
-        )
+        orgs = [{"org": org.bytes, "roles": list(self.roles_of(org))} for org in self.orgs]
+        return canonical.encode({"orgs": orgs, "peers": [p.bytes for p in self.peers]})
 
     @classmethod
     def decode(cls, data: bytes) -> "AccessPolicy":
         """Parse the wire form; :class:`RemoteProtocolError` on anything bad."""
         with peer_input("access policy"):
             fields = decode_map(data, "access policy", max_size=MAX_POLICY_BYTES)
-            orgs, roles, peers = (field(fields, name, list, []) for name in ("orgs", "roles", "peers"))
-            for name, items, limit in (("orgs", orgs, MAX_POLICY_ORGS), ("peers", peers, MAX_POLICY_PEERS)):
-                if len(items) > limit or not all(isinstance(item, bytes) for item in items):
-                    raise RemoteProtocolError(f"policy {name} must be at most {limit} peer ids")
+            if "roles" in fields:
+                raise RemoteProtocolError("policy roles belong to each organisation (orgs[].roles), not to the policy")
+            orgs, peers = field(fields, "orgs", list, []), field(fields, "peers", list, [])
+            if len(orgs) > MAX_POLICY_ORGS or not all(isinstance(item, dict) for item in orgs):
+                raise RemoteProtocolError(f"policy orgs must be at most {MAX_POLICY_ORGS} maps")
+            if len(peers) > MAX_POLICY_PEERS or not all(isinstance(item, bytes) for item in peers):
+                raise RemoteProtocolError(f"policy peers must be at most {MAX_POLICY_PEERS} peer ids")
+            terms = [(PeerID.from_bytes(field(o, "org", bytes)), tuple(field(o, "roles", list, []))) for o in orgs]
+            if len({org for org, _ in terms}) != len(terms):
+                raise RemoteProtocolError("policy names an organisation twice")
             return cls(
-                orgs=tuple(PeerID.from_bytes(o) for o in orgs),
-                roles=tuple(roles),
+                orgs=tuple(org for org, _ in terms),
+                roles=tuple(terms),
                 peers=tuple(PeerID.from_bytes(p) for p in peers),
             )
 
@@ -154,26 +199,28 @@ class AccessPolicy:
         terms = [term.strip() for term in text.split(",")]
         if terms == ["public"]:
             return cls()
-        orgs: list[PeerID] = []
-        roles: list[str] = []
+        roles: dict[PeerID, list[str]] = {}  # per org, in the order written; [] = any member
         peers: list[PeerID] = []
         for term in terms:
             kind, _, rest = term.partition(":")
             if kind == "org" and rest:
                 ident, _, role = rest.partition(":")
-                orgs.append(_parse_peer(ident, term))
+                org = _parse_peer(ident, term)
                 if role:
                     name, sep, value = role.partition("=")
                     if name != "role" or not sep:
                         raise LocalProtocolError(f"policy term {term!r}: after the org id only role=<role> may follow")
-                    roles.append(_check_role(value))
+                    value = _check_role(value)
+                if org in roles and bool(roles[org]) != bool(role):
+                    raise LocalProtocolError(f"policy names {ident} both with and without a role: write only one of the two")
+                roles.setdefault(org, []).extend([value] if role else [])
             elif kind == "peer" and rest:
                 peers.append(_parse_peer(rest, term))
             elif term == "public":
                 raise LocalProtocolError("`public` cannot be combined with other policy terms")
             else:
                 raise LocalProtocolError(f"policy term {term!r} is not org:<id>, org:<id>:role=<r> or peer:<id>")
-        return cls(tuple(orgs), tuple(roles), tuple(peers))
+        return cls(tuple(roles), tuple((org, tuple(r)) for org, r in roles.items()), tuple(peers))
 
 
 def _parse_peer(text: str, term: str) -> PeerID:
@@ -244,9 +291,9 @@ def admit(
             found.append((EXPIRED, f"membership of {label} expired at {certificate.expires:.0f}"))
         elif is_revoked(certificate.org, peer):
             found.append((REVOKED, f"membership of {peer} in {label} was revoked"))
-        elif policy.roles and not set(policy.roles) & set(certificate.roles):
+        elif (roles := policy.roles_of(certificate.org)) and not set(roles) & set(certificate.roles):
             have = ", ".join(certificate.roles) or "none"
-            found.append((MISSING_ROLE, f"a role among {', '.join(policy.roles)} is required in {label}; the member has {have}"))
+            found.append((MISSING_ROLE, f"a role among {', '.join(roles)} is required in {label}; the member has {have}"))
         else:
             admitted.append(certificate)
     if admitted:

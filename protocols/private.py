@@ -13,18 +13,26 @@ key (a 32-byte secret every member holds, :func:`modelnet.identity.org.records_k
   organisation and per peer, so keys do not link a node's organisations to each other.
 
 The value is a signed record (type ``private-capability``, signed by the provider) whose
-payload is ``{key, nonce, sealed}``: ``sealed`` is the capability record (the payload of a
-public one, listing only the models this organisation may use) encrypted with
-ChaCha20-Poly1305 under a key derived from the records key, a random 12-byte nonce, and
-the DHT key as associated data (a sealed record moved under another key does not open).
+payload is ``{key, nonce, sealed}``: ``sealed`` is ``{capabilities, membership}`` — the
+capability record (the payload of a public one, listing only the models this organisation
+may use) and the provider's own membership certificate of the organisation — encrypted
+with ChaCha20-Poly1305 under a key derived from the records key, a random 12-byte nonce,
+and the DHT key as associated data (a sealed record moved under another key does not open).
 Storing nodes verify the signature, the signer against the key, the key field, expiry,
-and keep the highest seq; they learn nothing of the content. Members decrypt, then check
-the record names its signer.
+and keep the highest seq; they learn nothing of the content.
+
+Members decrypt, then check that the record names its signer and that the certificate
+inside is the organisation's (signed by its key, for the current records key), issued to
+that signer, unexpired and not revoked in the lists the member knows. Knowing the records
+key is therefore not enough to pose as a provider: every member, a revoked one included,
+knows it; only a current member holds a certificate. No role is required to provide: the
+organisation vouches for its members, and clients' policies judge roles, not providers.
 
 What a non-member still sees: that some peer (its id is in the key) publishes private
 records, their sizes and how often; not which organisation, capabilities or models.
 Members of an organisation share its records key, so a revoked member can still find (not
-call) its private models until the organisation rotates the key (rotation is not built).
+call, nor pose as a provider of) its private models until the organisation rotates the key
+(rotation is not built).
 
 Sans-IO: time is a parameter, nonces come from the OS.
 """
@@ -38,7 +46,10 @@ import os
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
+from typing import Callable
+
 from modelnet.identity import IdentityError, PeerID, PrivateKey, SignedRecord, canonical, open_record
+from modelnet.identity.org import MembershipCertificate, WrongOrganisation, open_certificate, records_key_id
 
 from .capability import DOMAIN, CapabilityRecord, normalize_tag, select_newest
 from .errors import LocalProtocolError, RemoteProtocolError
@@ -58,6 +69,10 @@ _SEAL_LABEL = b"modelnet-private/seal/1"
 
 class UndecryptableRecord(RemoteProtocolError):
     """A private record that does not open under our records key: tampered, or not ours."""
+
+
+class RevokedProvider(RemoteProtocolError):
+    """A private record whose provider's membership the organisation has revoked."""
 
 
 def _check_records_key(records_key: bytes) -> bytes:
@@ -100,17 +115,24 @@ def _aead(records_key: bytes) -> ChaCha20Poly1305:
 
 
 def seal_record(
-    key: PrivateKey, record: CapabilityRecord, *, records_key: bytes, seq: int, expires: float
+    key: PrivateKey,
+    record: CapabilityRecord,
+    *,
+    records_key: bytes,
+    certificate: MembershipCertificate,
+    seq: int,
+    expires: float,
 ) -> tuple[bytes, SignedRecord]:
-    """Encrypt ``record`` for one organisation and sign the result with ``key``.
-
-    Returns the DHT key to store it under and the signed value.
-    """
+    """Encrypt ``record`` with our membership ``certificate`` for its organisation and sign
+    the result with ``key``. Returns the DHT key to store it under and the signed value."""
     if record.peer_id != key.peer_id:
         raise LocalProtocolError("a node seals only its own capability record")
+    if certificate.member != key.peer_id:
+        raise LocalProtocolError("a node seals its records with its own membership certificate")
     dht_key = private_node_key(records_key, key.peer_id)
     nonce = os.urandom(NONCE_BYTES)
-    sealed = _aead(records_key).encrypt(nonce, record.to_payload(), dht_key)
+    plain = canonical.encode({"capabilities": record.to_payload(), "membership": certificate.encode()})
+    sealed = _aead(records_key).encrypt(nonce, plain, dht_key)
     if len(sealed) > MAX_SEALED_BYTES:
         raise LocalProtocolError(f"a sealed record is at most {MAX_SEALED_BYTES} bytes, this one {len(sealed)}")
     payload = canonical.encode({"key": dht_key, "nonce": nonce, "sealed": sealed})
@@ -138,22 +160,40 @@ def _outer(data: bytes, *, now: float, dht_key: bytes) -> tuple[SignedRecord, by
 
 
 def open_private_record(
-    data: bytes, *, records_key: bytes, now: float, peer: PeerID
-) -> tuple[SignedRecord, CapabilityRecord]:
-    """Verify, decrypt and parse ``peer``'s private record for the organisation of
-    ``records_key``. Raises identity errors (bad signature, expired, another signer),
-    :class:`UndecryptableRecord` (tampered, or sealed for another organisation) or
-    :class:`RemoteProtocolError` (malformed)."""
+    data: bytes,
+    *,
+    records_key: bytes,
+    org: PeerID,
+    now: float,
+    peer: PeerID,
+    is_revoked: Callable[[PeerID, PeerID], bool],
+) -> tuple[SignedRecord, CapabilityRecord, MembershipCertificate]:
+    """Verify, decrypt and parse ``peer``'s private record for organisation ``org`` (whose
+    records key is ``records_key``), and the membership certificate it carries.
+
+    Raises identity errors (bad signature, expired, another signer; for the certificate an
+    ``OrgError``: not signed by ``org``, issued to another peer, expired),
+    :class:`UndecryptableRecord` (tampered, or sealed for another organisation),
+    :class:`RevokedProvider` (``is_revoked(org, peer)``) or :class:`RemoteProtocolError`
+    (malformed)."""
     dht_key = private_node_key(records_key, peer)
     record, nonce, sealed = _outer(data, now=now, dht_key=dht_key)
     try:
         plain = _aead(records_key).decrypt(nonce, sealed, dht_key)
     except InvalidTag:
         raise UndecryptableRecord(f"private record of {peer} does not decrypt (tampered, or not for this organisation)") from None
-    capabilities = CapabilityRecord.from_payload(plain)
+    fields = decode_map(plain, "private record content")
+    capabilities = CapabilityRecord.from_payload(field(fields, "capabilities", bytes))
     if capabilities.peer_id != record.signer:
         raise RemoteProtocolError(f"private record for {capabilities.peer_id} signed by {record.signer}")
-    return record, capabilities
+    # Anyone holding the records key could have sealed this: the organisation's certificate
+    # is what shows the provider is one of its current members.
+    certificate = open_certificate(field(fields, "membership", bytes), now=now, member=peer, org=org)
+    if certificate.records_key_id and certificate.records_key_id != records_key_id(records_key):
+        raise WrongOrganisation(f"the membership in the private record of {peer} is for another records key")
+    if is_revoked(org, peer):
+        raise RevokedProvider(f"the membership of {peer} in {certificate.org_name} ({org.short()}) was revoked")
+    return record, capabilities, certificate
 
 
 class PrivateRecordValidator:

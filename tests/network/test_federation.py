@@ -10,6 +10,8 @@ import pytest
 import trio
 
 from modelnet.identity import Membership, issue_certificate, make_revocation, records_key, revocation_key
+from modelnet.identity.org import WrongOrganisation
+from modelnet.p2p.kad.errors import RecordRejected
 from modelnet.models.base import Backend, Chunk, ModelInfo, Output
 from modelnet.p2p.exchange import next_event, open_stream
 from modelnet.p2p.node import Config, RequestFailed
@@ -50,7 +52,7 @@ MEMBERSHIPS = {
     REVOKED: [membership(REVOKED)],
     STRANGER: [membership(STRANGER, org=OTHER_ORG)],
 }
-POLICY = {"secret-echo": AccessPolicy(orgs=(ORG.peer_id,), roles=("dev",))}
+POLICY = {"secret-echo": AccessPolicy(orgs=(ORG.peer_id,), roles={ORG.peer_id: ("dev",)})}
 
 
 def swarm():
@@ -192,9 +194,10 @@ async def test_an_older_or_forged_revocation_changes_nothing(autojump_clock):
         await trio.sleep(REFRESH + CONFIG.network_timeout)
         older = make_revocation(ORG, [revoked.peer_id], seq=4, now=virtual_wall_clock(), expires=virtual_wall_clock() + 86400)
         forged = make_revocation(OTHER_ORG, [revoked.peer_id], seq=9, now=virtual_wall_clock(), expires=virtual_wall_clock() + 86400)
-        for bad in (older, forged):
-            with pytest.raises(Exception):
-                await s.nodes[4].dht.put_value(revocation_key(ORG.peer_id), bad.encode())
+        with pytest.raises(RecordRejected, match="better value"):  # the newer list is held
+            await s.nodes[4].dht.put_value(revocation_key(ORG.peer_id), older.encode())
+        with pytest.raises(WrongOrganisation):  # not signed by the org the key names
+            await s.nodes[4].dht.put_value(revocation_key(ORG.peer_id), forged.encode())
         provider.revocations.learn(older)
         await trio.sleep(REFRESH + CONFIG.network_timeout)
         assert not provider.revocations.is_revoked(ORG.peer_id, revoked.peer_id)

@@ -10,13 +10,14 @@ from typing import Any, AsyncIterator, Mapping
 import pytest
 import trio
 
-from modelnet.identity import Membership, SignedRecord, canonical, issue_certificate, records_key
+from modelnet.identity import Membership, SignedRecord, canonical, issue_certificate, make_revocation, records_key, revocation_key
 from modelnet.models.base import Backend, Chunk, ModelInfo, Output
-from modelnet.p2p.node import NoProvider
+from modelnet.p2p.node import Config, NoProvider
 from modelnet.protocols import capability as cap
-from modelnet.protocols import private
+from modelnet.p2p.exchange import next_event, open_stream
+from modelnet.protocols import access, private, session
 from modelnet.protocols.access import AccessPolicy
-from modelnet.testing import EPOCH, open_memory_swarm, seeded_key, virtual_wall_clock
+from modelnet.testing import EPOCH, open_memory_swarm, open_node, seeded_key, virtual_wall_clock
 
 ORG = seeded_key(200, seed=7)
 OTHER_ORG = seeded_key(201, seed=7)
@@ -125,9 +126,17 @@ async def test_a_non_member_who_knows_the_exact_key_gets_only_ciphertext(autojum
                 assert type(exc).__name__ == "InvalidTag"
             else:
                 raise AssertionError("a wrong records key opened the record")
-        # And calling it needs a membership, not the key: the session is refused.
+        # It finds nothing by itself ...
         with pytest.raises(NoProvider, match="secret-task"):
             await outsider.ask("secret-task", "let me in")
+        # ... and calling it needs a membership, not the key: dialled directly, the
+        # session is refused.
+        client = session.ClientSession(outsider.key, provider=provider.peer_id, now=virtual_wall_clock())
+        async with open_stream(outsider.host, provider.peer_id, session.SESSION_PROTOCOL) as stream:
+            await stream.write(client.send_offer("secret-task", ()))
+            refusal = await next_event(stream, client)
+        assert isinstance(refusal, session.Refusal) and refusal.code == session.FORBIDDEN
+        assert access.NO_CREDENTIALS in refusal.reason
 
 
 async def test_a_tampered_private_record_is_dropped_logged_and_the_lookup_goes_on(autojump_clock, caplog):
@@ -165,3 +174,45 @@ async def test_private_records_are_republished_and_stay_private(autojump_clock):
         assert again.seq > first.seq and again.expires > first.expires
         [found] = await member.find("secret-task", fresh=True)
         assert found.org == ORG.peer_id
+
+
+def revoke(*members: int):
+    now = virtual_wall_clock()
+    return make_revocation(ORG, [seeded_key(i).peer_id for i in members], seq=1, now=now, expires=now + 86400)
+
+
+async def test_a_revoked_member_holding_the_records_key_cannot_pose_as_a_provider(autojump_clock):
+    # review finding 2: SECOND was revoked but keeps the records key and keeps publishing
+    # sealed records for the private model; members must not find it nor send it prompts.
+    backends, opened = swarm(providers=(PROVIDER, SECOND))
+    async with opened as s:
+        good, rogue, member = s.nodes[PROVIDER], s.nodes[SECOND], s.nodes[MEMBER]
+        assert {p.peer_id for p in await member.find("secret-task")} == {good.peer_id, rogue.peer_id}
+        # The organisation publishes the revocation from any node; members pick it up
+        # within one refresh interval, as providers do.
+        assert await s.nodes[OUTSIDER].dht.put_value(revocation_key(ORG.peer_id), revoke(SECOND).encode()) > 0
+        await trio.sleep(member.config.republish_interval + member.config.network_timeout)
+        assert member.revocations.is_revoked(ORG.peer_id, rogue.peer_id)
+        assert [p.peer_id for p in await member.find("secret-task")] == [good.peer_id]
+        assert [p.peer_id for p in await member.find("model:secret-echo", fresh=True)] == [good.peer_id]
+        for i in range(4):
+            answer = await member.ask("secret-task", f"prompt {i}", model="secret-echo")
+            assert answer.provider == good.peer_id
+        assert backends[SECOND].served == [] and backends[PROVIDER].served == ["secret-echo"] * 4
+
+
+async def test_a_member_node_started_after_a_revocation_never_trusts_the_revoked_provider(autojump_clock):
+    # A short-lived member (the CLI's find/ask) looks its organisations' lists up before
+    # judging private records, so even its first lookup drops the revoked provider.
+    backends, opened = swarm(providers=(PROVIDER, SECOND))
+    async with opened as s:
+        good = s.nodes[PROVIDER]
+        assert await s.nodes[OUTSIDER].dht.put_value(revocation_key(ORG.peer_id), revoke(SECOND).encode()) > 0
+        late = membership(9)
+        async with open_node(
+            s.network.open_host, seeded_key(9), (), Config(client_mode=True), bootstrap=s.bootstrap_addrs,
+            wall_clock=virtual_wall_clock, memberships=[late],
+        ) as member:  # fmt: skip
+            assert [p.peer_id for p in await member.find("secret-task")] == [good.peer_id]
+            assert (await member.ask("secret-task", "first")).provider == good.peer_id
+        assert backends[SECOND].served == []

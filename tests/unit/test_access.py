@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from modelnet.errors import ModelNetError
-from modelnet.identity import IdentityError, issue_certificate, make_revocation, revocation_key
+from modelnet.identity import IdentityError, canonical, issue_certificate, make_revocation, revocation_key
 from modelnet.p2p.trust import Revocations, credentials_for
 from modelnet.identity import Membership, records_key
 from modelnet.protocols import access
@@ -96,10 +96,45 @@ def test_garbage_credential():
 
 
 def test_member_with_the_wrong_role():
-    policy = AccessPolicy(orgs=(ORG.peer_id,), roles=("admin",))
+    policy = AccessPolicy(orgs=(ORG.peer_id,), roles={ORG.peer_id: ("admin",)})
     error = denied(policy=policy, credentials=[cert(roles=("dev",))])
     assert error.code == access.MISSING_ROLE and "admin" in error.reason
     assert check(policy, credentials=[cert(roles=("dev", "admin"))]) is not None
+
+
+def test_roles_bind_only_their_own_organisation():
+    # review finding 5: roles written for A must not apply to B, nor B's absence of roles to A
+    policy = AccessPolicy.parse(f"org:{ORG.peer_id}:role=admin,org:{OTHER_ORG.peer_id}:role=guest")
+    assert denied(policy=policy, credentials=[cert(roles=("guest",))]).code == access.MISSING_ROLE
+    assert check(policy, credentials=[cert(roles=("admin",))]).org == ORG.peer_id
+    assert check(policy, credentials=[cert(OTHER_ORG, roles=("guest",))]).org == OTHER_ORG.peer_id
+    assert denied(policy=policy, credentials=[cert(OTHER_ORG, roles=("admin",))]).code == access.MISSING_ROLE
+    mixed = AccessPolicy.parse(f"org:{ORG.peer_id}:role=admin,org:{OTHER_ORG.peer_id}")
+    assert check(mixed, credentials=[cert(OTHER_ORG)]).org == OTHER_ORG.peer_id  # B's plain members
+    assert denied(policy=mixed, credentials=[cert()]).code == access.MISSING_ROLE  # A's plain members: no
+    assert str(mixed) == f"org:{ORG.peer_id}:role=admin,org:{OTHER_ORG.peer_id}"
+
+
+def test_several_roles_for_one_organisation_add_up():
+    policy = AccessPolicy.parse(f"org:{ORG.peer_id}:role=admin,org:{ORG.peer_id}:role=ops")
+    assert policy.orgs == (ORG.peer_id,) and policy.roles_of(ORG.peer_id) == ("admin", "ops")
+    assert check(policy, credentials=[cert(roles=("ops",))]) is not None
+    assert AccessPolicy.parse(str(policy)) == policy
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"orgs": (), "roles": {ORG.peer_id: ("a",)}},  # roles for an organisation not named
+        {"orgs": (ORG.peer_id,), "roles": ("admin",)},  # the old pooled form
+        {"orgs": (ORG.peer_id,), "roles": {ORG.peer_id: "admin"}},  # a string, not a sequence of roles
+        {"orgs": (ORG.peer_id,), "roles": ((ORG.peer_id, ("a",)), (ORG.peer_id, ("b",)))},
+        {"orgs": (ORG.peer_id,), "roles": {ORG.peer_id: ("a b",)}},
+    ],
+)
+def test_policy_roles_must_be_per_named_organisation(kwargs):
+    with pytest.raises(LocalProtocolError):
+        AccessPolicy(**kwargs)
 
 
 def test_peer_list_policy():
@@ -125,13 +160,19 @@ def test_parse_text_forms():
     assert AccessPolicy.parse("public").public
     policy = AccessPolicy.parse(f"org:{ORG.peer_id}:role=admin, peer:{STRANGER.peer_id},org:{OTHER_ORG.peer_id}")
     assert policy.orgs == (ORG.peer_id, OTHER_ORG.peer_id)
-    assert policy.roles == ("admin",) and policy.peers == (STRANGER.peer_id,)
+    assert policy.roles == ((ORG.peer_id, ("admin",)),) and policy.peers == (STRANGER.peer_id,)
+    assert policy.roles_of(ORG.peer_id) == ("admin",) and policy.roles_of(OTHER_ORG.peer_id) == ()
     assert AccessPolicy.parse(str(policy)) == policy
 
 
 @pytest.mark.parametrize(
     "text",
-    ["", "private", "org:", "org:nope", f"org:{ORG.peer_id}:admin", f"public,org:{ORG.peer_id}", "peer:12D3Koo", f"org:{ORG.peer_id}:role=a b"],
+    [
+        "", "private", "org:", "org:nope", f"org:{ORG.peer_id}:admin", f"public,org:{ORG.peer_id}", "peer:12D3Koo",
+        f"org:{ORG.peer_id}:role=a b",
+        f"org:{ORG.peer_id}:role=admin,org:{ORG.peer_id}",  # with and without a role: one would be moot
+        f"org:{ORG.peer_id},org:{ORG.peer_id}:role=admin",
+    ],
 )
 def test_parse_refuses_bad_text(text):
     with pytest.raises(LocalProtocolError):
@@ -139,15 +180,33 @@ def test_parse_refuses_bad_text(text):
 
 
 def test_wire_form_round_trips():
-    policy = AccessPolicy(orgs=(ORG.peer_id,), roles=("a", "b"), peers=(MEMBER.peer_id,))
+    policy = AccessPolicy(orgs=(ORG.peer_id, OTHER_ORG.peer_id), roles={ORG.peer_id: ("a", "b")}, peers=(MEMBER.peer_id,))
+    assert canonical.decode(policy.encode()) == {
+        "orgs": [{"org": ORG.peer_id.bytes, "roles": ["a", "b"]}, {"org": OTHER_ORG.peer_id.bytes, "roles": []}],
+        "peers": [MEMBER.peer_id.bytes],
+    }
     assert AccessPolicy.decode(policy.encode()) == policy
     assert AccessPolicy.decode(AccessPolicy().encode()).public
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"orgs": [ORG.peer_id.bytes], "roles": ["admin"]},  # the old pooled form: refused, never read without its roles
+        {"orgs": [{"org": ORG.peer_id.bytes}, {"org": ORG.peer_id.bytes, "roles": ["a"]}]},
+        {"orgs": [{"roles": ["a"]}]},
+        {"orgs": [{"org": ORG.peer_id.bytes, "roles": "a"}]},
+    ],
+)
+def test_policy_decoder_refuses_pooled_duplicate_or_partial_orgs(fields):
+    with pytest.raises(RemoteProtocolError):
+        AccessPolicy.decode(canonical.encode(fields))
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.one_of(st.binary(max_size=200), st.builds(lambda p, i, b: p[:i] + bytes([b]) + p[i + 1 :],
-       st.just(AccessPolicy(orgs=(ORG.peer_id,), roles=("x",), peers=(MEMBER.peer_id,)).encode()),
-       st.integers(0, 100), st.integers(0, 255))))
+       st.just(AccessPolicy(orgs=(ORG.peer_id, OTHER_ORG.peer_id), roles={ORG.peer_id: ("x",)}, peers=(MEMBER.peer_id,)).encode()),
+       st.integers(0, 140), st.integers(0, 255))))
 def test_policy_decoder_raises_typed_errors_or_returns_a_policy(data):
     try:
         policy = AccessPolicy.decode(data)
@@ -158,16 +217,20 @@ def test_policy_decoder_raises_typed_errors_or_returns_a_policy(data):
 
 @settings(max_examples=50, deadline=None)
 @given(
-    orgs=st.lists(st.integers(0, 30), max_size=5),
-    roles=st.lists(st.text("abc-_.9", min_size=1, max_size=8), max_size=4),
+    orgs=st.dictionaries(
+        st.integers(0, 30), st.lists(st.text("abc-_.9", min_size=1, max_size=8), max_size=3), max_size=5
+    ),
     peers=st.lists(st.integers(0, 30), max_size=5),
 )
-def test_policy_forms_round_trip(orgs, roles, peers):
-    if roles and not orgs:
-        roles = []
+def test_policy_forms_round_trip(orgs, peers):
+    ids = {i: seeded_key(i, 1).peer_id for i in orgs}
     policy = AccessPolicy(
-        orgs=tuple(seeded_key(i, 1).peer_id for i in orgs), roles=tuple(roles), peers=tuple(seeded_key(i, 2).peer_id for i in peers)
+        orgs=tuple(ids.values()),
+        roles={ids[i]: tuple(roles) for i, roles in orgs.items()},
+        peers=tuple(seeded_key(i, 2).peer_id for i in peers),
     )
+    for i, roles in orgs.items():
+        assert policy.roles_of(ids[i]) == tuple(dict.fromkeys(roles))
     assert AccessPolicy.decode(policy.encode()) == policy
     assert AccessPolicy.parse(str(policy)) == policy
 

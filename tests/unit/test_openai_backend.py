@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
+import logging
 import math
 
 import pytest
@@ -25,6 +27,8 @@ from modelnet.models.base import (
 from modelnet.models.embedded import hashed_embedding
 from modelnet.models.openai_http import DEFAULT_KEY_ENV, OpenAIBackend, SSEDecoder, Spec, network_name
 from modelnet.models.registry import discover_models, load_backends
+from modelnet.p2p.node import RequestFailed
+from modelnet.testing import open_memory_swarm
 from modelnet.testing.openai_upstream import chat_reply, completion_reply, open_upstream, split_tokens
 
 KEY = "sk-test-123"
@@ -241,6 +245,40 @@ async def test_unreachable_server():
     backend = OpenAIBackend(f"http://127.0.0.1:{port}/v1", ["m"])
     with pytest.raises(UpstreamUnavailable, match="cannot reach"):
         await collect(backend, "m", "hello")
+
+
+async def test_what_a_remote_asker_would_be_told_never_quotes_the_model_server(upstream, backend):
+    # review finding 10: bodies can echo a key or name internals; ``public`` keeps the kind and status
+    for status, public in [(500, "upstream failed (HTTP 500)"), (429, "upstream busy (HTTP 429)"),
+                           (400, "the model server refused the input (HTTP 400)"),
+                           (404, "the model server does not know the model (HTTP 404)")]:  # fmt: skip
+        upstream.faults.status = status
+        with pytest.raises(ModelError) as info:
+            await collect(backend, "tiny-chat", "hello")
+        assert "injected failure" in str(info.value) and info.value.public == public
+    assert UpstreamTimeout("t").public == "upstream timed out" and UpstreamUnavailable("u").public == "upstream unreachable"
+    assert InvalidInput("input is empty").public == "input is empty"  # our own words are fine to send
+
+
+async def test_a_remote_asker_gets_only_the_kind_of_upstream_failure(upstream, caplog):
+    # End to end, on the memory network (real clock: the upstream is a real server). A
+    # base_url with credentials appears nowhere, not even in local logs.
+    backend = OpenAIBackend(upstream.base_url.replace("http://", "http://admin:hunter2@"), ["tiny-chat"], api_key="sk-wrong-key")
+    assert "hunter2" not in backend.label and backend.label.endswith("/v1")
+    async with open_memory_swarm(2, backends_for=lambda i: [backend] if i else []) as swarm:
+        with caplog.at_level(logging.INFO):
+            with pytest.raises(RequestFailed) as info:
+                await swarm.nodes[0].ask("chat", "hello")
+    await backend.aclose()
+    assert upstream.requests[-1].authorization == "Basic " + base64.b64encode(b"admin:hunter2").decode()  # still sent
+    [attempt] = info.value.errors
+    told = f"{info.value} {attempt.message}"
+    assert attempt.message.endswith("upstream failed (HTTP 401)")
+    for secret in ("Incorrect API key", "hunter2", "admin", "sk-wrong", "127.0.0.1", "completions", "key_env"):
+        assert secret not in told
+    logged = "\n".join(r.getMessage() for r in caplog.records if r.name == "modelnet.p2p.serving")
+    assert "HTTP 401: Incorrect API key provided" in logged  # the full text stays with the operator
+    assert "hunter2" not in caplog.text
 
 
 async def test_unknown_model_and_bad_text(backend):
