@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from .kad.dht import Config as DHTConfig
+from .relay import ServiceConfig as RelayServiceConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +23,10 @@ class Config:
     max_requests_per_peer: int = 8  # of those, at most this many for one asker
     requests_per_minute_per_peer: int = 600
     max_request_seconds: float = 300.0  # work for one request stops after this, whatever its deadline
+    # Session negotiations (each costs up to 9 signature checks and one signature) are
+    # limited per peer as requests are: at once, and per minute.
+    max_sessions_per_peer: int = 4
+    sessions_per_minute_per_peer: int = 120
     # Organisations (issue 3): how often a provider with org policies looks up each org's
     # revocation list; None means republish_interval, so a revocation is honoured within one.
     revocation_refresh: float | None = None
@@ -34,10 +39,17 @@ class Config:
     hedge_floor: float = 0.05
     hedge_default: float = 1.0
     max_parallel_attempts: int = 2  # attempts in flight at once for one request (1: no hedging)
+    max_attempts: int = 6  # providers one request tries in all, failover and hedging together
     hop_limit: int = 8  # hops a request we send may take
     # Forwarding (what we route for others): answer requests for capabilities we don't
     # serve by routing them onward, through the DHT or, failing that, through ``upstream``
     # (full addresses of peers that forward for us). Our own limits apply to that work.
     forwarding: bool = False
     upstream: tuple[str, ...] = ()
+    # Circuit relay v2 (p2p/relay.py): ``relays`` (full addresses) to reserve a slot on, for
+    # a node others cannot dial (its records then carry …/p2p/<relay>/p2p-circuit);
+    # ``relay_service`` makes this node a relay for others, within ``relay_limits``.
+    relays: tuple[str, ...] = ()
+    relay_service: bool = False
+    relay_limits: RelayServiceConfig = RelayServiceConfig()
     dht: DHTConfig = DHTConfig()

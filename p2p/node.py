@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Awaitable, Callable, Collection, Mapping, Sequence
+from typing import Any, Awaitable, Callable, Collection, Mapping, NamedTuple, Sequence
 
 import trio
 
@@ -35,12 +35,13 @@ from .exchange import next_event, open_stream
 from .host import Host, full_address, split_full_address
 from .kad.dht import KademliaDHT
 from .kad.errors import RequestFailed as DHTRequestFailed
+from .relay import RelayClient, RelayService
 from .forwarding import Forwarder
 from .routing import ProviderStats, pooled_p95, rank_providers
 from .serving import ModelServer
 from .trust import Revocations, credentials_for
 
-__all__ = ["Answer", "Config", "NoProvider", "Node", "NodeError", "Provider", "RequestFailed"]
+__all__ = ["Answer", "Attempt", "Config", "NoProvider", "Node", "NodeError", "Provider", "RequestFailed"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,17 +57,40 @@ class NoProvider(NodeError):
     """No reachable, verified provider serves the capability."""
 
 
+class _PeerMessage(NamedTuple):
+    peer: PeerID
+    message: str
+
+
+class Attempt(_PeerMessage):
+    """One failed attempt at a request: a ``(peer, message)`` pair, as callers unpack it,
+    that also carries the error ``code`` (``reason.OVERLOADED``, a session refusal code,
+    ``reason.DEADLINE_EXCEEDED`` …; None when the attempt failed without a code: the
+    stream broke, the answer did not verify), so a caller decides on the code, never on
+    the wording of the message."""
+
+    code: str | None = None
+
+    def __new__(cls, peer: PeerID, message: str, code: str | None = None) -> "Attempt":
+        attempt = super().__new__(cls, peer, message)
+        attempt.code = code
+        return attempt
+
+    def __repr__(self) -> str:
+        return f"Attempt(peer={self.peer!r}, message={self.message!r}, code={self.code!r})"
+
+
 class RequestFailed(NodeError):
-    """Every provider tried failed; ``errors`` says how each one failed.
+    """Every provider tried failed; ``errors`` says how each one failed (:class:`Attempt`).
 
     ``code`` is the provider's error code (``reason.INVALID_INPUT`` …) when one decided it.
     """
 
     def __init__(
-        self, message: str, errors: Sequence[tuple[PeerID, str]] = (), code: str | None = None, partial: Sequence[str] = ()
+        self, message: str, errors: Sequence[Attempt] = (), code: str | None = None, partial: Sequence[str] = ()
     ) -> None:
         super().__init__(message)
-        self.errors = list(errors)
+        self.errors: list[Attempt] = [e if isinstance(e, Attempt) else Attempt(*e) for e in errors]
         self.code = code
         self.partial = tuple(partial)  # chunks the caller already received when the provider failed
 
@@ -101,14 +125,15 @@ class Answer:
     usage: reason.Usage
     receipt: bytes
     elapsed: float  # seconds from ask to result, as the asker measured it
-    attempts: tuple[tuple[PeerID, str], ...]  # providers that failed before this one, and why
+    attempts: tuple[Attempt, ...]  # providers that failed before this one, and why
     route: tuple[PeerID, ...] = ()  # forwarders between us and the provider, in order
     forwards: tuple[bytes, ...] = ()  # their signed forward statements (protocols.forward)
     request_id: bytes = b""  # what the receipt and the statements commit to
 
     def verify(self, asker: PeerID) -> reason.Receipt:
         """Check the provenance again, offline: the receipt (and any forwarders' statements)
-        for this answer asked by ``asker``. Raises identity or protocol errors."""
+        for this answer (output and streamed chunks) asked by ``asker``. Raises identity or
+        protocol errors."""
         provider, client = self.provider, asker
         if self.forwards:
             route, provider = forward.check_route(
@@ -116,11 +141,12 @@ class Answer:
             )
             client = route[-1]
         receipt = reason.open_receipt(self.receipt, provider=provider)
-        if (receipt.request_id, receipt.client, receipt.model, receipt.output_sha256) != (
+        if (receipt.request_id, receipt.client, receipt.model, receipt.output_sha256, receipt.chunks_sha256) != (
             self.request_id,
             client,
             self.model,
             reason.output_digest(self.output),
+            reason.chunks_digest(self.chunks),
         ):
             raise RemoteProtocolError("the receipt does not match this answer")
         return receipt
@@ -167,10 +193,17 @@ class Node:
                 private.PRIVATE_NODE_KEY_PREFIX: private.PrivateRecordValidator(),
             },
         )
+        # circuit relay: a relay for others, and our reservations (our addresses then
+        # include circuits through those relays, so the records we publish carry them)
+        self.relay_service = RelayService(host, config.relay_limits, wall_clock=wall_clock) if config.relay_service else None
+        self.relay_client = RelayClient(host, config.relays, wall_clock=wall_clock) if config.relays else None
         self.stats: dict[PeerID, ProviderStats] = {}
         self._grants: dict[tuple[PeerID, str], session.Grant] = {}
         self._records: dict[tuple[PeerID, PeerID | None], tuple[float, cap.CapabilityRecord]] = {}  # (peer, org)
-        self._providers: dict[str, tuple[float, list[Provider]]] = {}
+        self._providers: dict[tuple[str, bool], tuple[float, list[Provider]]] = {}  # (tag, anonymous)
+        # Grants we negotiated presenting no certificate, for requests we forward: a grant
+        # won with our memberships never serves a stranger's request.
+        self._anonymous_grants: dict[tuple[PeerID, str], session.Grant] = {}
         self._org_of: dict[PeerID, PeerID] = {}  # the organisation a provider was found under privately
         self._seq = 0
         self._nursery: trio.Nursery | None = None  # the serving nursery, for latency probes
@@ -232,6 +265,10 @@ class Node:
         answering = serving or self.forwarder is not None
         async with trio.open_nursery() as nursery:
             await nursery.start(self.dht.serve)
+            if self.relay_service is not None:
+                await nursery.start(self.relay_service.serve)
+            if self.relay_client is not None:
+                await nursery.start(self.relay_client.serve)
             if answering:
                 self.host.set_stream_handler(session.SESSION_PROTOCOL, self.server.handle_session)
                 self.host.set_stream_handler(reason.REASON_PROTOCOL, self.server.handle_reason)
@@ -250,8 +287,11 @@ class Node:
                     nursery.start_soon(self._warm_backends)
                     if serving:
                         nursery.start_soon(self._republish_loop)
-                    orgs = sorted({org for policy in self.policies.values() for org in policy.orgs})
-                    if serving and orgs:
+                    # providers honour revocations of the organisations their policies
+                    # name; members, of their own (to distrust revoked private providers)
+                    orgs = {org for policy in self.policies.values() for org in policy.orgs} if serving else set()
+                    orgs = sorted(orgs | {m.org for m in self.memberships})
+                    if orgs:
                         await nursery.start(
                             functools.partial(
                                 self.revocations.serve_refresh,
@@ -295,7 +335,12 @@ class Node:
             provider_keys.extend(cap.capability_key(tag) for tag in sorted(record.capability_tags()))
         for membership, private_record in self.private_records():
             dht_key, sealed = private.seal_record(
-                self.key, private_record, records_key=membership.records_key, seq=self._seq, expires=expires
+                self.key,
+                private_record,
+                records_key=membership.records_key,
+                certificate=membership.certificate,  # members trust it only with this inside
+                seq=self._seq,
+                expires=min(expires, membership.certificate.expires),
             )
             values.append((dht_key, sealed.encode()))
             provider_keys.extend(
@@ -355,26 +400,43 @@ class Node:
 
     # -- discovery ----------------------------------------------------------------------
 
-    async def find(self, capability: str, *, fresh: bool = False) -> list[Provider]:
+    async def find(self, capability: str, *, fresh: bool = False, anonymous: bool = False) -> list[Provider]:
         """Providers of ``capability`` whose signed records verify, in routing order.
 
         Looks up the public key of the tag and, for every organisation we are a member
-        of, its private key, all at once; privately found providers carry their ``org``.
-        A provider found several ways is one provider (its models merged). A recent
-        answer is reused for ``Config.provider_cache_ttl`` unless ``fresh``.
+        of, its private key, all at once; privately found providers carry their ``org``
+        and count only with a valid certificate of it that our revocation lists (looked up
+        first if older than one refresh interval) do not revoke.
+        ``anonymous`` (for a request we forward) looks up the public key only. A provider
+        found several ways is one provider (its models merged). A recent answer is reused
+        for ``Config.provider_cache_ttl`` unless ``fresh``.
         """
         tag = cap.normalize_tag(capability)
-        cached = self._providers.get(tag)
+        cached = self._providers.get((tag, anonymous))
         now = trio.current_time()
-        if cached and not fresh and cached[0] > now:
+        # a provider revoked since the list was cached is looked up again, not reused
+        if cached and not fresh and cached[0] > now and not any(self._revoked(p.peer_id, p.org) for p in cached[1]):
             return rank_providers(cached[1], self.stats, key=lambda p: p.peer_id, now=now)
+        memberships = [] if anonymous else self._valid_memberships(self.wall_clock())
         searches: list[tuple[Membership | None, bytes]] = [(None, cap.capability_key(tag))]
-        searches += [(m, private.private_capability_key(m.records_key, tag)) for m in self._valid_memberships(self.wall_clock())]
+        searches += [(m, private.private_capability_key(m.records_key, tag)) for m in memberships]
         found: dict[PeerID, Provider] = {}
+        revocations_known = trio.Event()  # private records are judged against fresh lists
+
+        async def refresh_revocations() -> None:
+            try:
+                interval = self.config.revocation_refresh or self.config.republish_interval
+                stale = self.revocations.stale((m.org for m in memberships), interval)
+                if stale:
+                    await self.revocations.refresh(self.dht, stale, now=self.wall_clock())
+            finally:
+                revocations_known.set()
 
         async def fetch(peer: PeerID, addrs: list[str], membership: Membership | None) -> None:
             if addrs:
                 self.host.add_addrs(peer, addrs)
+            if membership is not None:
+                await revocations_known.wait()
             record = await self._record_of(peer, membership)
             if record is None:
                 return
@@ -402,20 +464,26 @@ class Node:
 
         with unwrapping_groups():
             async with trio.open_nursery() as nursery:
+                if memberships:
+                    nursery.start_soon(refresh_revocations)
                 for membership, key in searches:
                     nursery.start_soon(search, membership, key)
         providers = list(found.values())
         if providers:
-            self._providers[tag] = (trio.current_time() + self.config.provider_cache_ttl, providers)
+            self._providers[(tag, anonymous)] = (trio.current_time() + self.config.provider_cache_ttl, providers)
         return rank_providers(providers, self.stats, key=lambda p: p.peer_id, now=trio.current_time())
+
+    def _revoked(self, peer: PeerID, org: PeerID | None) -> bool:
+        return org is not None and self.revocations.is_revoked(org, peer)
 
     async def _record_of(self, peer: PeerID, membership: Membership | None = None) -> cap.CapabilityRecord | None:
         """``peer``'s verified record: the public one, or the one it sealed for the
-        organisation of ``membership``. None (logged) if it cannot be had or does not verify."""
+        organisation of ``membership`` (which must carry its valid, unrevoked certificate of
+        that organisation). None (logged) if it cannot be had or does not verify."""
         now = self.wall_clock()
         org = membership.org if membership is not None else None
         cached = self._records.get((peer, org))
-        if cached and cached[0] > now:
+        if cached and cached[0] > now and not self._revoked(peer, org):
             return cached[1]
         key = cap.node_record_key(peer) if membership is None else private.private_node_key(membership.records_key, peer)
         try:
@@ -435,13 +503,21 @@ class Node:
         try:
             if membership is None:
                 signed, record = cap.open_capability_record(value, now=now, peer=peer)
+                valid_until = signed.expires
             else:
-                signed, record = private.open_private_record(value, records_key=membership.records_key, now=now, peer=peer)
+                signed, record, certificate = private.open_private_record(
+                    value, records_key=membership.records_key, org=membership.org, now=now, peer=peer,
+                    is_revoked=self.revocations.is_revoked,
+                )  # fmt: skip
+                valid_until = min(signed.expires, certificate.expires)
         except (IdentityError, ProtocolError) as exc:
             where = f" for {membership.org_name} ({org.short()})" if org is not None else ""
             logger.warning("dropping record of %s%s: %s", peer.short(), where, exc)
+            self._records.pop((peer, org), None)
+            if org is not None and self._org_of.get(peer) == org:
+                del self._org_of[peer]  # no longer vouched for by that organisation
             return None
-        self._records[(peer, org)] = (signed.expires, record)
+        self._records[(peer, org)] = (valid_until, record)
         if record.addrs:
             self.host.add_addrs(peer, list(record.addrs))
         return record
@@ -460,6 +536,7 @@ class Node:
         via: Sequence[str] = (),
         hop_limit: int | None = None,
         exclude: Collection[PeerID] = (),
+        anonymous: bool = False,
     ) -> Answer:
         """Route one request; raise NoProvider or RequestFailed.
 
@@ -468,7 +545,8 @@ class Node:
         chunk within its measured p95 gets company: the next provider is asked too, the
         first to answer wins and the other is cancelled (``Config.hedging``). If every
         provider from a cached lookup failed, the lookup is redone once; if that finds
-        none, the request goes to ``Config.upstream`` forwarders.
+        none, the request goes to ``Config.upstream`` forwarders. At most
+        ``Config.max_attempts`` providers are tried in all.
 
         A provider that fails after its first chunk is replaced too when nothing has
         reached the caller yet (no ``on_chunk``: its partial answer is dropped and the
@@ -479,6 +557,10 @@ class Node:
         it onward (a light client without a DHT). Everything, discovery included, happens
         within ``timeout`` (default ``Config.request_timeout``). Providers in ``exclude`` are
         never asked (a plan's ensemble sends one step to distinct providers).
+
+        ``anonymous`` asks without this node's organisation authority, as a forwarder asks
+        for others: public records only, no certificate presented, grants kept apart (the
+        gateway asks so for its HTTP clients unless told to lend them the node's access).
         """
         tag = cap.normalize_tag(capability)
         budget = timeout if timeout is not None else self.config.request_timeout
@@ -504,6 +586,7 @@ class Node:
             visited=(),
             via=targets,
             excluded=frozenset(exclude),
+            on_behalf_of=self.peer_id if anonymous else None,  # nobody we can name
         )
         return await self.route(ask)
 
@@ -526,7 +609,7 @@ class Node:
             what = f"no provider of {ask.capability!r}" + (f" with model {ask.model!r}" if ask.model else "")
             raise NoProvider(what + " found")
         if trio.current_time() >= ask.deadline:
-            failures.append((self.peer_id, f"deadline of {ask.deadline - started:g} s passed"))
+            failures.append(Attempt(self.peer_id, f"deadline of {ask.deadline - started:g} s passed", reason.DEADLINE_EXCEEDED))
         if not failures:
             raise RequestFailed(f"{ask.capability}: no provider answered")
         summary = failures[0][1] if len(failures) == 1 else f"all {len(failures)} attempts failed"
@@ -536,17 +619,21 @@ class Node:
         """Who to try, in routing order, at ``stage``; None when the stages are exhausted.
 
         0: the cached lookup (or ``ask.via``), 1: a fresh lookup, 2: upstream forwarders.
-        Peers the request already visited are never candidates: loops are impossible.
+        Peers the request already visited are never candidates: loops are impossible. A
+        request we forward is looked up publicly only and goes to at most one upstream
+        forwarder, so a mesh of forwarders walks one path instead of every path.
         """
         excluded = set(ask.visited) | {self.peer_id} | ask.excluded
+        anonymous = ask.on_behalf_of is not None
         now = trio.current_time()
         if ask.via:
             peers = [peer for peer in ask.via if peer not in excluded] if stage == 0 else None
         elif stage < 2:
-            providers = [p for p in await self.find(ask.capability, fresh=stage == 1) if p.peer_id not in excluded]
+            found = await self.find(ask.capability, fresh=stage == 1, anonymous=anonymous)
+            providers = [p for p in found if p.peer_id not in excluded]
             if ask.model is not None:
                 providers = [p for p in providers if any(m.name == ask.model for m in p.models)]
-            await self._measure_unknown(providers, ask.capability)
+            await self._measure_unknown(providers, ask.capability, anonymous=anonymous)
             peers = [p.peer_id for p in providers]
         elif stage == 2:
             peers = []
@@ -554,11 +641,13 @@ class Node:
                 if peer not in excluded:
                     self.host.add_addrs(peer, [addr])
                     peers.append(peer)
+            if anonymous:
+                return rank_providers(peers, self.stats, key=lambda p: p, now=now)[:1]
         else:
             peers = None
         return None if peers is None else rank_providers(peers, self.stats, key=lambda p: p, now=now)
 
-    async def _measure_unknown(self, providers: Sequence[Provider], capability: str) -> None:
+    async def _measure_unknown(self, providers: Sequence[Provider], capability: str, *, anonymous: bool = False) -> None:
         """Negotiate sessions with providers we have no latency for, concurrently.
 
         The session round trip is the latency sample that ranks them, so a fresh node does
@@ -580,7 +669,7 @@ class Node:
             nonlocal pending
             self._probing.add(provider.peer_id)
             try:
-                await self._grant_for(provider.peer_id, capability, org=provider.org)
+                await self._grant_for(provider.peer_id, capability, org=provider.org, anonymous=anonymous)
                 answered.set()
             except _ProviderFailed as exc:
                 logger.info("session with %s failed: %s", provider.peer_id.short(), exc)
@@ -605,14 +694,18 @@ class Node:
             stats = self.stats[peer] = ProviderStats()
         return stats
 
-    async def _grant_for(self, peer: PeerID, capability: str, *, org: PeerID | None = None) -> session.Grant:
+    async def _grant_for(
+        self, peer: PeerID, capability: str, *, org: PeerID | None = None, anonymous: bool = False
+    ) -> session.Grant:
         """A session grant for ``capability`` from ``peer``: cached, or negotiated now.
 
         The offer carries our certificate for ``org`` (the organisation under which the
-        provider was found privately) or, when that is unknown, all our valid ones.
+        provider was found privately) or, when that is unknown, all our valid ones;
+        ``anonymous`` (for a request we forward) presents none, and caches the grant apart.
         """
         now = self.wall_clock()
-        grant = self._grants.get((peer, capability))
+        grants = self._anonymous_grants if anonymous else self._grants
+        grant = grants.get((peer, capability))
         # Keep a margin so a grant does not expire between our check and the provider's.
         if grant is not None and grant.expires > now + 5:
             return grant
@@ -622,7 +715,7 @@ class Node:
         try:
             with trio.fail_after(self.config.network_timeout):
                 async with open_stream(self.host, peer, session.SESSION_PROTOCOL) as stream:
-                    credentials = credentials_for(self.memberships, None if org is None else (org,), now=now)
+                    credentials = () if anonymous else credentials_for(self.memberships, None if org is None else (org,), now=now)
                     await stream.write(client.send_offer(capability, credentials))
                     event = await next_event(stream, client)
         except trio.TooSlowError:
@@ -634,13 +727,15 @@ class Node:
         if isinstance(event, session.Refusal):
             raise _ProviderFailed(f"refused: {event.code}: {event.reason}", code=event.code)
         stats.record_rtt(trio.current_time() - started, load=_load(event))
-        self._grants[(peer, capability)] = event
+        grants[(peer, capability)] = event
         return event
 
     async def _attempt(self, peer: PeerID, ask: _Ask, attempt: _Attempt) -> Answer:
-        cached = (peer, ask.capability) in self._grants
-        org = self._org_of.get(peer)  # present that organisation's certificate, if we found it privately
-        grant = await self._grant_for(peer, ask.capability, org=org)
+        # A request we forward runs on no authority of ours: no certificate, own grants.
+        anonymous = ask.on_behalf_of is not None
+        cached = (peer, ask.capability) in (self._anonymous_grants if anonymous else self._grants)
+        org = None if anonymous else self._org_of.get(peer)  # the organisation we found it under privately
+        grant = await self._grant_for(peer, ask.capability, org=org, anonymous=anonymous)
         try:
             return await self._request(peer, grant, ask, attempt)
         except _GrantRejected:
@@ -648,7 +743,8 @@ class Node:
                 raise
             # A grant we had cached was refused (it expired early, the provider restarted):
             # one new session, then the request once more.
-            return await self._request(peer, await self._grant_for(peer, ask.capability, org=org), ask, attempt)
+            grant = await self._grant_for(peer, ask.capability, org=org, anonymous=anonymous)
+            return await self._request(peer, grant, ask, attempt)
 
     async def _request(self, peer: PeerID, grant: session.Grant, ask: _Ask, attempt: _Attempt) -> Answer:
         capability, deadline = ask.capability, ask.deadline
@@ -699,13 +795,15 @@ class Node:
             raise _ProviderFailed(str(exc) or type(exc).__name__, after_first_chunk=attempt.won) from None
         if isinstance(event, reason.Error):
             if event.code == reason.UNAUTHORIZED:
-                self._grants.pop((peer, capability), None)
+                (self._anonymous_grants if ask.on_behalf_of is not None else self._grants).pop((peer, capability), None)
                 raise _GrantRejected(f"{event.code}: {event.message}", code=event.code)
             if event.code == reason.OVERLOADED:
                 stats.record_overload()  # busy is not broken: no ban
             elif event.code != reason.INVALID_INPUT:  # refusing bad input is the provider doing its job
                 stats.record_failure(trio.current_time())
-            raise _ProviderFailed(f"{event.code}: {event.message}", after_first_chunk=attempt.won, code=event.code)
+            raise _ProviderFailed(
+                f"{event.code}: {event.message}", after_first_chunk=attempt.won, code=event.code, final=not event.retryable
+            )
         stats.record_load(event.queue, event.capacity)
         stats.record_success()
         return Answer(
@@ -739,6 +837,9 @@ class _Ask:
     visited: tuple[PeerID, ...]  # peers it passed through before us
     via: tuple[PeerID, ...] = ()  # only these peers, which forward it
     excluded: frozenset[PeerID] = frozenset()  # never ask these (the caller's choice)
+    # The peer we forward it for; then it is routed anonymously: public lookups only, no
+    # certificate presented, grants of its own (our memberships are not the asker's).
+    on_behalf_of: PeerID | None = None
 
 
 @dataclasses.dataclass(eq=False)
@@ -760,10 +861,12 @@ class _Race:
 
     One attempt runs at first. Another starts when every running one has failed before
     its first chunk (failover), or when the newest has sent no first chunk within its
-    provider's hedge delay (hedging, up to ``Config.max_parallel_attempts`` at once). The
-    first attempt to get a first chunk claims the race and every other is cancelled,
-    which resets its stream so its provider stops working. A winner that fails after its
-    first chunk is replaced only if none of its chunks reached the caller.
+    provider's hedge delay (hedging, up to ``Config.max_parallel_attempts`` at once), and
+    never more than ``Config.max_attempts`` in all. The first attempt to get a first chunk
+    claims the race and every other is cancelled, which resets its stream so its provider
+    stops working. A winner that fails after its first chunk is replaced only if none of
+    its chunks reached the caller. Bad input, and a non-retryable no-such-capability or
+    hop-limit (a forwarder searched already, or no hop is left), end the race.
     """
 
     def __init__(self, node: Node, ask: _Ask) -> None:
@@ -771,7 +874,7 @@ class _Race:
         self.ask = ask
         self.attempts: list[_Attempt] = []
         self.tried: set[PeerID] = set()
-        self.failures: list[tuple[PeerID, str]] = []
+        self.failures: list[Attempt] = []
         self.answer: Answer | None = None
         self.fatal: RequestFailed | None = None
         self.last_code: str | None = None  # of the latest failure: what the caller is told
@@ -807,6 +910,8 @@ class _Race:
         return None
 
     async def _start_next(self, nursery: trio.Nursery) -> bool:
+        if len(self.attempts) >= self.node.config.max_attempts:
+            return False
         peer = await self._next_peer()
         if peer is None or self.answer is not None or self.fatal is not None:
             return False
@@ -835,10 +940,11 @@ class _Race:
 
     def _failed(self, attempt: _Attempt, exc: _ProviderFailed) -> None:
         peer = attempt.peer
-        self.failures.append((peer, str(exc)))
+        self.failures.append(Attempt(peer, str(exc), exc.code))
         self.last_code = exc.code
-        if exc.code == reason.INVALID_INPUT:
-            # The input is at fault, not the provider: another would refuse it too.
+        if exc.code == reason.INVALID_INPUT or (exc.final and exc.code in _FINAL_CODES):
+            # The input is at fault, not the provider (another would refuse it too), or
+            # the peer routed it already and says another route is no use.
             self.fatal = RequestFailed(f"{self.ask.capability}: {exc}", self.failures, exc.code)
         elif attempt.won and (attempt.delivered or exc.code == reason.DEADLINE_EXCEEDED):
             partial = f"{peer.short()} failed mid-answer: {exc}"
@@ -860,7 +966,12 @@ class _Race:
                 continue
             self.changed = trio.Event()
             hedge_at = math.inf
-            if len(running) < limit and not self._exhausted and not any(a.won for a in running):
+            if (
+                len(running) < limit
+                and len(self.attempts) < config.max_attempts
+                and not self._exhausted
+                and not any(a.won for a in running)
+            ):
                 newest = running[-1]
                 default = pooled_p95(self.node.stats.values()) or config.hedge_default
                 delay = self.node._stats_for(newest.peer).hedge_delay(floor=config.hedge_floor, default=default)
@@ -872,13 +983,22 @@ class _Race:
                 await self._start_next(nursery)
 
 
-class _ProviderFailed(Exception):
-    """Internal: one provider failed; the router decides whether to fail over."""
+# Codes that end a request when the peer sends them as not retryable: a forwarder that
+# found no provider searched for us already, and a hop limit binds every route alike.
+_FINAL_CODES = frozenset({reason.NO_SUCH_CAPABILITY, reason.HOP_LIMIT})
 
-    def __init__(self, message: str, *, after_first_chunk: bool = False, code: str | None = None) -> None:
+
+class _ProviderFailed(Exception):
+    """Internal: one provider failed; the router decides whether to fail over.
+
+    ``final``: the peer said retrying elsewhere is no use (``retryable`` false).
+    """
+
+    def __init__(self, message: str, *, after_first_chunk: bool = False, code: str | None = None, final: bool = False) -> None:
         super().__init__(message)
         self.after_first_chunk = after_first_chunk
         self.code = code
+        self.final = final
 
 
 class _GrantRejected(_ProviderFailed):

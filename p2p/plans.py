@@ -110,8 +110,12 @@ async def execute(
     *,
     timeout: float | None = None,
     on_event: Callable[[PlanEvent], None] | None = None,
+    anonymous: bool = False,
 ) -> PlanResult:
     """Run ``plan`` on ``text`` through ``node``; :class:`PlanFailed` if it cannot answer.
+
+    ``anonymous``: every step is asked without the node's organisation authority
+    (:meth:`Node.ask`).
 
     :class:`~modelnet.protocols.plan.InvalidPlan` if the plan is not valid (checked first).
     """
@@ -147,6 +151,7 @@ async def execute(
                     timeout=share,
                     on_chunk=on_chunk,
                     exclude=exclude,
+                    anonymous=anonymous,
                 )
             except ModelNetError as exc:  # NoProvider, RequestFailed, a refused input
                 outcome = str(exc) or type(exc).__name__
@@ -157,7 +162,7 @@ async def execute(
         # the others' to them.
         first = requests[0]
         try:
-            found = await node.find(first.capability)
+            found = await node.find(first.capability, anonymous=anonymous)
         except ModelNetError as exc:
             logger.info("looking up %s for %s failed: %s", first.capability, first.group, exc)
             found = []

@@ -17,7 +17,15 @@ a private one.
 
 A node that forwards (``Config.forwarding``) also grants sessions and takes requests for
 capabilities it does not serve, and hands them to its :data:`Forwarder`, under the same
-checks, limits, budget and cancellation as its own work.
+checks, limits, budget and cancellation as its own work. A request that passed through
+other peers before the one asking us (``visited``) is a forwarded request: private models
+are never served to it, whatever the forwarder may prove (its membership is its own, not
+the original asker's), and it looks to the asker as if they were not here.
+
+Session negotiations are limited per peer like requests (``max_sessions_per_peer`` at once,
+``sessions_per_minute_per_peer``), and credentials of organisations no policy here names
+are dropped before their signatures are checked: an offer costs at most the signatures
+that can matter.
 """
 
 from __future__ import annotations
@@ -31,14 +39,14 @@ from typing import Any, Awaitable, Callable, Mapping, Sequence
 
 import trio
 
-from modelnet.identity import IdentityError, MembershipCertificate, PeerID, PrivateKey
+from modelnet.identity import IdentityError, MembershipCertificate, PeerID, PrivateKey, SignedRecord
 from modelnet.models.base import Backend, InvalidInput, ModelError, ModelInfo, UnknownModel, UpstreamBusy, UpstreamError
 from modelnet.models.base import Chunk as ModelChunk
 from modelnet.models.base import Output as ModelOutput
 from modelnet.protocols import access
 from modelnet.protocols import capability as cap
 from modelnet.protocols import reason, session
-from modelnet.protocols.errors import ProtocolError
+from modelnet.protocols.errors import LocalProtocolError, ProtocolError
 
 from .config import Config
 from .errors import P2PError, StreamClosed
@@ -107,7 +115,9 @@ class ModelServer:
         self._members: OrderedDict[PeerID, dict[PeerID, MembershipCertificate]] = OrderedDict()
         self.in_flight = 0
         self._in_flight_by_peer: Counter[PeerID] = Counter()
-        self._minute: tuple[int, Counter[PeerID]] = (-1, Counter())
+        self._requests_this_minute = _PerMinute(config.requests_per_minute_per_peer)
+        self._sessions_by_peer: Counter[PeerID] = Counter()  # negotiations in progress
+        self._sessions_this_minute = _PerMinute(config.sessions_per_minute_per_peer)
         self.forwarder: Forwarder | None = None
 
     def matching(self, capability: str, model: str | None = None) -> list[ServedModel]:
@@ -121,65 +131,102 @@ class ModelServer:
 
     async def handle_session(self, stream: Stream) -> None:
         remote = stream.remote_peer
-        provider = session.ProviderSession(self.key, remote=remote, now=self.wall_clock())
+        now = self.wall_clock()
+        provider = session.ProviderSession(self.key, remote=remote, now=now)
         async with closing(stream):
+            # Refused before the offer is read: a flood costs us no signature checks.
+            busy = None
+            if self._sessions_by_peer[remote] >= self.config.max_sessions_per_peer:
+                busy = f"at most {self.config.max_sessions_per_peer} session negotiations at once per peer"
+            elif not self._sessions_this_minute.take(remote, now):
+                busy = f"at most {self.config.sessions_per_minute_per_peer} session negotiations a minute per peer"
+            if busy is not None:
+                logger.info("refused a session to %s: %s", remote.short(), busy)
+                await send_quietly(stream, provider.send_refusal(session.OVERLOADED, busy))
+                return
+            self._sessions_by_peer[remote] += 1
             try:
-                with trio.fail_after(self.config.network_timeout):
-                    offer = await next_event(stream, provider)
-                tag = cap.normalize_tag(offer.capability)
-            except (trio.TooSlowError, ProtocolError, IdentityError, P2PError) as exc:
-                why = clip(exc or type(exc).__name__)
-                logger.info("bad session offer from %s: %s", remote.short(), why)
-                with trio.move_on_after(self.config.network_timeout):
-                    await send_quietly(stream, provider.send_refusal(session.BAD_OFFER, why))
+                await self._negotiate(stream, provider, remote)
+            finally:
+                self._sessions_by_peer[remote] -= 1
+                if not self._sessions_by_peer[remote]:
+                    del self._sessions_by_peer[remote]
+
+    async def _negotiate(self, stream: Stream, provider: session.ProviderSession, remote: PeerID) -> None:
+        """Read the offer; answer with a grant or a typed refusal."""
+        try:
+            with trio.fail_after(self.config.network_timeout):
+                offer = await next_event(stream, provider)
+            tag = cap.normalize_tag(offer.capability)
+        except (trio.TooSlowError, ProtocolError, IdentityError, P2PError) as exc:
+            why = clip(exc or type(exc).__name__)
+            logger.info("bad session offer from %s: %s", remote.short(), why)
+            with trio.move_on_after(self.config.network_timeout):
+                await send_quietly(stream, provider.send_refusal(session.BAD_OFFER, why))
+            return
+        models = self.matching(tag)
+        if not models and self.forwarder is None:
+            await send_quietly(stream, provider.send_refusal(session.NO_SUCH_CAPABILITY, f"this node does not serve {tag!r}"))
+            return
+        now = self.wall_clock()
+        until = math.inf
+        if models:  # a capability we only forward is judged by the provider's own policy
+            certificates, denials = self._remember(remote, offer.credentials, now)
+            try:
+                models, until = self._admitted(models, remote, certificates, now, denials)
+            except access.AccessDenied as exc:
+                logger.info("refused %s access to %s: %s", remote.short(), tag, exc)
+                await send_quietly(stream, provider.send_refusal(session.FORBIDDEN, clip(exc, session.MAX_REASON_CHARS)))
                 return
-            models = self.matching(tag)
-            if not models and self.forwarder is None:
-                await send_quietly(stream, provider.send_refusal(session.NO_SUCH_CAPABILITY, f"this node does not serve {tag!r}"))
-                return
-            now = self.wall_clock()
-            until = math.inf
-            if models:  # a capability we only forward is judged by the provider's own policy
-                certificates, denials = self._remember(remote, offer.credentials, now)
-                try:
-                    models, until = self._admitted(models, remote, certificates, now, denials)
-                except access.AccessDenied as exc:
-                    logger.info("refused %s access to %s: %s", remote.short(), tag, exc)
-                    await send_quietly(stream, provider.send_refusal(session.FORBIDDEN, clip(exc, session.MAX_REASON_CHARS)))
-                    return
-            limits = session.Limits(
-                max_concurrent=self.config.max_requests_per_peer,
-                max_input_bytes=max((m.info.max_input_bytes for m in models), default=reason.MAX_INPUT_BYTES),
-                requests_per_minute=self.config.requests_per_minute_per_peer,
-            )
-            data, _ = provider.send_grant(
-                capability=tag,
-                limits=limits,
-                expires=min(now + self.config.session_ttl, until),
-                queue=self.in_flight,
-                capacity=self.config.max_concurrent_requests,
-            )
-            await send_quietly(stream, data)
+        limits = session.Limits(
+            max_concurrent=self.config.max_requests_per_peer,
+            max_input_bytes=max((m.info.max_input_bytes for m in models), default=reason.MAX_INPUT_BYTES),
+            requests_per_minute=self.config.requests_per_minute_per_peer,
+        )
+        data, _ = provider.send_grant(
+            capability=tag,
+            limits=limits,
+            expires=min(now + self.config.session_ttl, until),
+            queue=self.in_flight,
+            capacity=self.config.max_concurrent_requests,
+        )
+        await send_quietly(stream, data)
 
     def _remember(
         self, peer: PeerID, credentials: Sequence[bytes], now: float
     ) -> tuple[list[MembershipCertificate], list[access.Denial]]:
-        """Open the offered certificates; keep those of organisations our policies name."""
+        """Open the offered certificates of organisations our policies name, and keep them.
+
+        A certificate of any other organisation could admit nobody here: it is dropped
+        (with a denial saying so) before its signature costs us anything.
+        """
         if not self.policies:
             return [], []
-        fresh, denials = access.open_credentials(credentials, peer=peer, now=now)
         orgs = {org for policy in self.policies.values() for org in policy.orgs}
+        wanted: list[bytes] = []
+        skipped: list[access.Denial] = []
+        for data in credentials:
+            try:
+                signer = SignedRecord.decode(data).signer  # not verified: only to skip it
+            except (IdentityError, TypeError):
+                wanted.append(data)  # open_credentials says what is wrong with it
+                continue
+            if signer in orgs:
+                wanted.append(data)
+            else:
+                skipped.append((access.WRONG_ORG, f"a certificate from {signer} is not from an organisation any model here admits"))
+        fresh, denials = access.open_credentials(wanted, peer=peer, now=now)
         held = self._members.pop(peer, {})
         for certificate in fresh:
             old = held.get(certificate.org)
-            if certificate.org in orgs and (old is None or certificate.expires >= old.expires):
+            if old is None or certificate.expires >= old.expires:
                 held[certificate.org] = certificate
         held = {org: c for org, c in held.items() if c.expires > now}
         if held:
             self._members[peer] = held
             while len(self._members) > MAX_REMEMBERED_MEMBERS:
                 self._members.popitem(last=False)
-        return list(held.values()) + [c for c in fresh if c.org not in orgs], denials
+        return list(held.values()), denials + skipped
 
     def _admitted(
         self,
@@ -267,14 +314,20 @@ class ModelServer:
             return reason.Error(reason.OVERLOADED, f"{self.in_flight} requests in progress", True)
         if self._in_flight_by_peer[remote] >= self.config.max_requests_per_peer:
             return reason.Error(reason.OVERLOADED, f"at most {self.config.max_requests_per_peer} requests at once per peer", True)
-        if not self._count_this_minute(remote, now):
+        if not self._requests_this_minute.take(remote, now):
             return reason.Error(reason.OVERLOADED, f"at most {self.config.requests_per_minute_per_peer} requests a minute per peer", True)
         models = self.matching(capability, request.model)
+        if any(peer != remote for peer in request.visited):
+            # Forwarded: whoever asked first proved no membership to us, so our private
+            # models are as absent for it as for any stranger.
+            models = [m for m in models if m.info.name not in self.policies]
         if not models and self.forwarder is None:
             return reason.Error(reason.NO_SUCH_CAPABILITY, f"no model here serves {capability!r}", True)
         if not models:  # a forwarder routes it onward; its own checks are the provider's
             if request.hop_limit < 2:
                 return reason.Error(reason.HOP_LIMIT, "no hop left to forward the request", False)
+            if len(request.visited) >= reason.MAX_VISITED:  # we could not add ourselves
+                return reason.Error(reason.HOP_LIMIT, f"the request already visited {len(request.visited)} peers", False)
             served = None
             limit = reason.MAX_INPUT_BYTES
         else:
@@ -287,15 +340,6 @@ class ModelServer:
         if len(request.input.encode()) > limit:
             return reason.Error(reason.INVALID_INPUT, f"input exceeds {limit} bytes", False)
         return served
-
-    def _count_this_minute(self, peer: PeerID, now: float) -> bool:
-        minute, counts = self._minute
-        if int(now // 60) != minute:  # a fixed window: cheap, and bounded by the peers of one minute
-            self._minute = minute, counts = int(now // 60), Counter()
-        if counts[peer] >= self.config.requests_per_minute_per_peer:
-            return False
-        counts[peer] += 1
-        return True
 
     async def _serve(
         self, stream: Stream, server: reason.ReasonServer, request: reason.Request, remote: PeerID, served: ServedModel | None
@@ -314,23 +358,41 @@ class ModelServer:
             try:
                 with trio.fail_after(budget):
                     if served is not None:
-                        answer = await self._run_model(served, request, remote, emit)
+                        answer = await self._run_model(served, request, remote, emit, server.streamed)
                     else:
                         assert self.forwarder is not None  # _check refused the request otherwise
                         answer = await self.forwarder(request, remote, emit)
             except trio.TooSlowError:
                 await send_quietly(stream, server.send(reason.Error(reason.DEADLINE_EXCEEDED, "deadline passed while working", False)))
             except ModelError as exc:
-                await send_quietly(stream, server.send(reason.Error(_error_code(exc), clip(exc, 1000), isinstance(exc, UpstreamError))))
+                # the full text stays here; the asker gets the public one (never a model
+                # server's error body, which may echo a key or name internals)
+                log = logger.warning if isinstance(exc, UpstreamError) else logger.info
+                log("model failed for %s: %s", remote.short(), exc)
+                error = reason.Error(_error_code(exc), clip(exc.public, 1000), isinstance(exc, (UpstreamError, UnknownModel)))
+                await send_quietly(stream, server.send(error))
+            except LocalProtocolError as exc:  # a chunk or output our protocol cannot carry
+                await send_quietly(stream, server.send(_unsendable(exc, remote)))
             except StreamClosed:
                 logger.info("asker %s went away mid-answer", remote.short())
             else:
-                await send_quietly(stream, server.send(answer))
+                try:
+                    data = server.send(answer)
+                except LocalProtocolError as exc:  # the result is over a frame
+                    data = server.send(_unsendable(exc, remote))
+                await send_quietly(stream, data)
             nursery.cancel_scope.cancel()
 
     async def _run_model(
-        self, served: ServedModel, request: reason.Request, remote: PeerID, emit: Callable[[str], Awaitable[None]]
+        self,
+        served: ServedModel,
+        request: reason.Request,
+        remote: PeerID,
+        emit: Callable[[str], Awaitable[None]],
+        streamed: reason.ChunkDigest,
     ) -> reason.Result:
+        """Run the model, streaming its chunks through ``emit``; the result's receipt commits
+        to ``streamed``, the digest of the chunks sent."""
         started = trio.current_time()
         output: Any = None
         async with contextlib.aclosing(served.backend.run(served.info.name, request.input, request.params)) as items:
@@ -341,7 +403,13 @@ class ModelServer:
                     output = item.value
         output_bytes = reason.encode_output(output)
         receipt = reason.make_receipt(
-            self.key, request=request, client=remote, model=served.info.name, output_bytes=output_bytes, now=self.wall_clock()
+            self.key,
+            request=request,
+            client=remote,
+            model=served.info.name,
+            output_bytes=output_bytes,
+            chunks_sha256=streamed.digest(),
+            now=self.wall_clock(),
         )
         usage = reason.Usage(
             input_bytes=len(request.input.encode()),
@@ -353,6 +421,31 @@ class ModelServer:
     def load(self) -> dict[str, int]:
         """What a result reports: the other requests in progress here, of how many at once."""
         return {"queue": max(self.in_flight - 1, 0), "capacity": self.config.max_concurrent_requests}
+
+
+def _unsendable(exc: LocalProtocolError, remote: PeerID) -> reason.Error:
+    """The typed error that replaces an answer our protocol cannot carry (a chunk or
+    result over a frame, an output with no canonical encoding), not a reset stream."""
+    logger.warning("the answer to %s cannot be sent: %s", remote.short(), exc)
+    return reason.Error(reason.INTERNAL, clip(f"output too large or not encodable: {exc}", 1000), False)
+
+
+class _PerMinute:
+    """Counts per peer in fixed one-minute windows: cheap, and bounded by the peers of one minute."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._minute = -1
+        self._counts: Counter[PeerID] = Counter()
+
+    def take(self, peer: PeerID, now: float) -> bool:
+        """Count one for ``peer``; False (nothing counted) once it used this minute's ``limit``."""
+        if int(now // 60) != self._minute:
+            self._minute, self._counts = int(now // 60), Counter()
+        if self._counts[peer] >= self.limit:
+            return False
+        self._counts[peer] += 1
+        return True
 
 
 async def _watch_asker(stream: Stream, scope: trio.CancelScope) -> None:

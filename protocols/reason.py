@@ -12,9 +12,16 @@
 
 Each message is one frame holding a canonical msgpack map with a ``kind``. The result's
 receipt is a provider-signed record (type ``receipt``) committing to the request id, the
-capability, the model, and SHA-256 digests of the input text and of the canonical encoding
-of the output (:func:`output_digest`). Cancelling is resetting the stream; there is no
-message for it. The server may answer a malformed request with an error before closing.
+capability, the model, and SHA-256 digests of the input text, of the canonical encoding of
+the params (:func:`params_digest`), of the chunk sequence streamed before the result
+(:class:`ChunkDigest`: every text, length-prefixed, in order) and of the canonical encoding
+of the output (:func:`output_digest`). So what a user watched stream, the parameters the
+model ran with and the final output are all the provider's signed word: a forwarder that
+alters any of them is caught by the asker's :class:`ReasonClient`, which also requires the
+receipt's model to be the one the request named, if it named one. The chunk digest is the
+general check (it holds for any output type; it does not claim that the chunks concatenate
+to the output, which is the model's business). Cancelling is resetting the stream; there
+is no message for it. The server may answer a malformed request with an error before closing.
 
 Deadlines travel as a *budget*: the seconds left when the request was sent. Each hop
 starts its own clock when the request arrives and forwards what is left of it, so two
@@ -32,7 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Any
+from typing import Any, Iterable
 
 from modelnet.identity import CanonicalEncodingError, PeerID, PrivateKey, SignedRecord, canonical
 
@@ -254,13 +261,15 @@ class Receipt:
     provider: PeerID
     client: PeerID
     issued: float
+    params_sha256: bytes  # params_digest(request.params)
+    chunks_sha256: bytes  # ChunkDigest of the chunks streamed before the result
 
     def __post_init__(self) -> None:
         check_bytes("request id", self.request_id, min_len=REQUEST_ID_BYTES, max_len=REQUEST_ID_BYTES)
         set_field(self, "capability", normalize_tag(self.capability))
         check_str("model", self.model, min_len=1, max_len=MAX_MODEL_CHARS)
-        check_bytes("input_sha256", self.input_sha256, min_len=32, max_len=32)
-        check_bytes("output_sha256", self.output_sha256, min_len=32, max_len=32)
+        for name in ("input_sha256", "output_sha256", "params_sha256", "chunks_sha256"):
+            check_bytes(name, getattr(self, name), min_len=32, max_len=32)
         if not isinstance(self.provider, PeerID) or not isinstance(self.client, PeerID):
             raise LocalProtocolError("receipt provider and client must be PeerIDs")
         set_field(self, "issued", check_float("issued", self.issued))
@@ -283,13 +292,51 @@ def input_digest(text: str) -> bytes:
     return hashlib.sha256(text.encode("utf-8")).digest()
 
 
+def params_digest(params: dict[str, Param]) -> bytes:
+    """SHA-256 of the canonical encoding of a request's params: what a receipt commits to."""
+    return hashlib.sha256(canonical.encode(params)).digest()
+
+
+class ChunkDigest:
+    """SHA-256 over a chunk sequence as it streams: each text's UTF-8 bytes prefixed by their
+    length (8 bytes, big-endian), so the split into chunks is committed too, not only the
+    concatenation. A receipt commits to ``digest()`` of the chunks sent before the result."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+
+    def update(self, text: str) -> None:
+        data = text.encode("utf-8")
+        self._hash.update(len(data).to_bytes(8, "big") + data)
+
+    def digest(self) -> bytes:
+        return self._hash.copy().digest()
+
+
+def chunks_digest(texts: Iterable[str]) -> bytes:
+    """:class:`ChunkDigest` of a whole chunk sequence."""
+    digest = ChunkDigest()
+    for text in texts:
+        digest.update(text)
+    return digest.digest()
+
+
 def make_receipt(
-    key: PrivateKey, *, request: Request, client: PeerID, model: str, output_bytes: bytes, now: float
+    key: PrivateKey,
+    *,
+    request: Request,
+    client: PeerID,
+    model: str,
+    output_bytes: bytes,
+    chunks_sha256: bytes,
+    now: float,
 ) -> bytes:
     """A signed receipt for answering ``request`` from ``client``.
 
     ``output_bytes`` is ``encode_output(output)`` of the result's output (not its digest):
     the receipt commits to its SHA-256, which equals ``output_digest(output)``.
+    ``chunks_sha256`` is the :class:`ChunkDigest` of the chunks streamed before the result
+    (:attr:`ReasonServer.streamed` keeps it).
     """
     check_bytes("output_bytes", output_bytes, max_len=REASON_MAX_FRAME)
     receipt = Receipt(
@@ -301,6 +348,8 @@ def make_receipt(
         provider=key.peer_id,
         client=client,
         issued=now,
+        params_sha256=params_digest(request.params),
+        chunks_sha256=chunks_sha256,
     )
     payload = canonical.encode(
         {
@@ -309,6 +358,8 @@ def make_receipt(
             "model": receipt.model,
             "input_sha256": receipt.input_sha256,
             "output_sha256": receipt.output_sha256,
+            "params_sha256": receipt.params_sha256,
+            "chunks_sha256": receipt.chunks_sha256,
             "client": receipt.client.bytes,
             "issued": receipt.issued,
         }
@@ -340,6 +391,8 @@ def open_receipt(data: bytes, *, provider: PeerID, now: float | None = None) -> 
             provider=record.signer,
             client=PeerID.from_bytes(field(fields, "client", bytes)),
             issued=field(fields, "issued", (int, float)),
+            params_sha256=field(fields, "params_sha256", bytes),
+            chunks_sha256=field(fields, "chunks_sha256", bytes),
         )
 
 
@@ -376,7 +429,8 @@ class ReasonClient(Endpoint):
     """Send one request; receive chunks, then a result or an error.
 
     With ``provider`` (the peer the request is sent to) given, a result's receipt must
-    match the request and the output, and be signed by ``provider`` and issued to
+    match the request (id, capability, input, params, and model when the request named
+    one), the chunks received and the output, and be signed by ``provider`` and issued to
     ``client`` (when given) -- or, when the result came through forwarders, be vouched for
     by a chain of forward statements from ``provider`` to the receipt's signer
     (:func:`.forward.check_route`; then ``client`` is required). ``route`` and
@@ -392,6 +446,7 @@ class ReasonClient(Endpoint):
         self.route: tuple[PeerID, ...] = ()  # forwarders, once a result is checked
         self.answered_by: PeerID | None = provider
         self._next_chunk = 0
+        self._streamed = ChunkDigest()  # of the chunks received, for the receipt check
 
     def send_request(self, request: Request) -> bytes:
         if not isinstance(request, Request):
@@ -411,6 +466,7 @@ class ReasonClient(Endpoint):
                 if chunk.seq != self._next_chunk:
                     raise RemoteProtocolError(f"chunk {chunk.seq} arrived, expected {self._next_chunk}")
                 self._next_chunk += 1
+                self._streamed.update(chunk.text)
                 return chunk
             if kind == "error":
                 return Error(
@@ -451,6 +507,12 @@ class ReasonClient(Endpoint):
             raise RemoteProtocolError("the receipt does not match the request, model or output")
         if receipt.input_sha256 != input_digest(self.request.input):
             raise RemoteProtocolError("the receipt commits to another input")
+        if receipt.params_sha256 != params_digest(self.request.params):
+            raise RemoteProtocolError("the receipt commits to other params")
+        if receipt.chunks_sha256 != self._streamed.digest():
+            raise RemoteProtocolError("the chunks received are not the ones the receipt commits to")
+        if self.request.model is not None and receipt.model != self.request.model:
+            raise RemoteProtocolError(f"asked for model {self.request.model!r}, answered by {receipt.model!r}")
         if client is not None and receipt.client != client:
             raise RemoteProtocolError("the receipt was issued to another asker")
 
@@ -464,6 +526,7 @@ class ReasonServer(Endpoint):
         )
         self.request: Request | None = None
         self._next_chunk = 0
+        self.streamed = ChunkDigest()  # of the chunks sent: what the receipt commits to
 
     def next_event(self) -> Request | None:
         with self._receiving("reason request"):
@@ -480,6 +543,7 @@ class ReasonServer(Endpoint):
                 raise LocalProtocolError(f"chunk {event.seq} sent, expected {self._next_chunk}")
             data = self._pack("chunk", {"seq": event.seq, "text": event.text})
             self._next_chunk += 1
+            self.streamed.update(event.text)
             return data
         if isinstance(event, Result):
             usage = dataclasses.asdict(event.usage)

@@ -178,3 +178,73 @@ async def test_a_forwarder_cannot_swap_the_receipt_or_forge_the_route(autojump_c
         forged[-1] ^= 1
         with pytest.raises(IdentityError):  # the signature no longer covers it
             dataclasses.replace(answer, forwards=(bytes(forged),)).verify(asker.peer_id)
+
+
+@pytest.mark.parametrize("n", [3, 5, 7])
+async def test_a_mesh_of_forwarders_handles_one_request_per_hop_not_per_path(autojump_clock, n):
+    # n forwarders, each listing all others as upstream; one ask for what nobody serves.
+    # Unbounded, this explored every simple path (n=5: 65 requests, n=6: 326).
+    network = MemoryNetwork(latency=0.001)
+    async with contextlib.AsyncExitStack() as stack:
+        nodes = [
+            await stack.enter_async_context(
+                open_node(network.open_host, seeded_key(i), [], Config(forwarding=True), wall_clock=virtual_wall_clock)
+            )
+            for i in range(1, n + 1)
+        ]
+        for node in nodes:
+            node.config = dataclasses.replace(node.config, upstream=tuple(o.addrs[0] for o in nodes if o is not node))
+        seen = [spy_on_requests(node) for node in nodes]
+        asker = await stack.enter_async_context(
+            open_node(network.open_host, seeded_key(99), [], Config(client_mode=True), wall_clock=virtual_wall_clock)
+        )
+        with pytest.raises(RequestFailed) as failed:
+            await asker.ask("no-such-thing", "x", via=nodes[0].addrs, timeout=600)
+        assert failed.value.code == reason.NO_SUCH_CAPABILITY
+        handled = sum(len(s) for s in seen)
+        assert handled <= min(n, Config().hop_limit)  # a walk: each forwarder at most once
+        assert all(len(s) <= 1 for s in seen)
+
+
+async def test_a_forwarder_clamps_the_hop_limit_to_its_own(autojump_clock):
+    async with chain(2, ScriptedBackend("p"), forwarder_config=Config(hop_limit=3)) as (nodes, _):
+        asker, f1, f2, provider = nodes
+        seen = {node.peer_id: spy_on_requests(node) for node in (f1, f2, provider)}
+        await asker.ask("echo", "x", via=f1.addrs, hop_limit=reason.MAX_HOP_LIMIT)
+        [at_f1], [at_f2], [at_p] = (seen[node.peer_id] for node in (f1, f2, provider))
+        assert [r.hop_limit for r in (at_f1, at_f2, at_p)] == [reason.MAX_HOP_LIMIT, 2, 1]
+
+
+async def test_a_forwarders_no_provider_is_final_for_the_asker(autojump_clock):
+    # Two forwarders that find nothing: the asker that may use both stops at the first one's
+    # answer (it searched already), instead of paying for the same search again.
+    async with chain(1, ScriptedBackend("p")) as (nodes, network):
+        asker, f1, provider = nodes
+        config = Config(forwarding=True)
+        async with open_node(network.open_host, seeded_key(7), [], config, wall_clock=virtual_wall_clock) as other:
+            seen = [spy_on_requests(node) for node in (f1, other)]
+            with pytest.raises(RequestFailed) as failed:
+                await asker.ask("nothing-here", "x", via=[*f1.addrs, *other.addrs])
+            assert failed.value.code == reason.NO_SUCH_CAPABILITY
+            assert sorted(len(s) for s in seen) == [0, 1]
+
+
+async def test_a_forwarded_request_tries_one_upstream_forwarder_its_own_requests_all(autojump_clock):
+    network = MemoryNetwork(latency=0.001)
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def start(i, config):
+            return await stack.enter_async_context(open_node(network.open_host, seeded_key(i), [], config, wall_clock=virtual_wall_clock))
+
+        busy = [await start(i, Config(forwarding=True, max_concurrent_requests=0)) for i in (11, 12, 13)]
+        upstream = tuple(node.addrs[0] for node in busy)
+        forwarder = await start(1, Config(forwarding=True, upstream=upstream))
+        asker = await start(99, Config(client_mode=True, upstream=upstream))
+        seen = [spy_on_requests(node) for node in busy]
+        with pytest.raises(RequestFailed):  # through the forwarder: it tries one upstream
+            await asker.ask("echo", "x", via=forwarder.addrs)
+        assert sum(len(s) for s in seen) == 1
+        with pytest.raises(RequestFailed) as failed:  # its own request: every upstream, in turn
+            await asker.ask("echo", "x")
+        assert sum(len(s) for s in seen) == 1 + 3
+        assert failed.value.code == reason.OVERLOADED

@@ -165,3 +165,16 @@ async def test_the_budget_a_provider_gets_is_what_is_left_not_a_wall_clock_time(
         assert failed.value.errors[-1][0] in (provider.peer_id, asker.peer_id)
         with trio.fail_after(1):
             await slow.was_cancelled.wait()
+
+
+async def test_one_request_tries_at_most_max_attempts_providers(autojump_clock):
+    broken = {i: ScriptedBackend(str(i), fail=True) for i in range(1, 7)}
+    config = Config(max_attempts=3)
+    async with open_memory_swarm(
+        8, backends_for=lambda i: [broken[i]] if i in broken else [], latency=LINK, config=config
+    ) as swarm:
+        asker = swarm.nodes[7]
+        with pytest.raises(RequestFailed) as failed:
+            await asker.ask("echo", "x")
+        assert len(failed.value.errors) == 3
+        assert sum(b.started for b in broken.values()) == 3  # six could have been asked

@@ -52,8 +52,17 @@ def request(**changes):
     return Request(**(fields | changes))
 
 
-def result_for(req, output="hello world", *, key=PROVIDER, model="llama", client=CLIENT.peer_id):
-    receipt = make_receipt(key, request=req, client=client, model=model, output_bytes=encode_output(output), now=NOW)
+def result_for(req, output="hello world", *, key=PROVIDER, model="llama", client=CLIENT.peer_id, chunks=()):
+    """A result for ``req`` whose receipt commits to ``chunks`` streamed before it."""
+    receipt = make_receipt(
+        key,
+        request=req,
+        client=client,
+        model=model,
+        output_bytes=encode_output(output),
+        chunks_sha256=reason.chunks_digest(chunks),
+        now=NOW,
+    )
     return Result(output=output, model=model, usage=USAGE, receipt=receipt)
 
 
@@ -69,7 +78,9 @@ def test_request_chunks_result_round_trip():
     assert server.next_event() == req
     assert server.next_event() is None
     output = {"text": "hello world", "tokens": [1, 2, 3], "nested": {"ok": True}}
-    data = server.send(Chunk(0, "hello")) + server.send(Chunk(1, " world")) + server.send(result_for(req, output))
+    data = server.send(Chunk(0, "hello")) + server.send(Chunk(1, " world"))
+    assert server.streamed.digest() == reason.chunks_digest(["hello", " world"])
+    data += server.send(result_for(req, output, chunks=("hello", " world")))
     client.receive_data(data)
     assert client.next_event() == Chunk(0, "hello")
     assert client.next_event() == Chunk(1, " world")
@@ -121,8 +132,11 @@ def test_receipt_round_trip_and_what_it_commits_to():
         provider=PROVIDER.peer_id,
         client=CLIENT.peer_id,
         issued=NOW,
+        params_sha256=hashlib.sha256(canonical.encode(req.params)).digest(),
+        chunks_sha256=hashlib.sha256().digest(),  # nothing streamed
     )
     assert receipt.output_sha256 == output_digest("hello world")
+    assert receipt.params_sha256 == reason.params_digest(req.params)
 
 
 def test_receipt_verification_failures():
@@ -146,6 +160,9 @@ def test_receipt_verification_failures():
         result_for(request(input="other input")),  # ... for another input
         result_for(request(), key=MALLORY),  # ... from another provider
         result_for(request(), client=MALLORY.peer_id),  # ... issued to another asker
+        result_for(request(params={"temperature": 2.0}), client=CLIENT.peer_id),  # ... run with other params
+        result_for(request(model="tiny"), model="tiny"),  # ... answered by a model not asked for
+        result_for(request(), chunks=("hello",)),  # ... after chunks the asker never got
     ],
 )
 def test_the_client_checks_the_receipt_against_request_output_and_provider(result):
@@ -156,6 +173,50 @@ def test_the_client_checks_the_receipt_against_request_output_and_provider(resul
     with pytest.raises(RemoteProtocolError):
         client.next_event()
     assert client.state == reason.ERROR
+
+
+def test_the_receipt_commits_to_the_streamed_chunks_their_split_and_the_params():
+    req = request()
+    honest = result_for(req, chunks=("hel", "lo"))
+
+    def received(*texts):
+        client, server = connected(req=req)
+        server.next_event()
+        client.receive_data(b"".join(server.send(Chunk(i, t)) for i, t in enumerate(texts)) + server.send(honest))
+        for _ in texts:
+            client.next_event()
+        return client.next_event()
+
+    assert received("hel", "lo").output == "hello world"
+    # A forwarder that alters, drops, adds or re-splits chunks is caught by the asker.
+    for texts in [("hel", "LO"), ("hel",), ("hel", "lo", "!"), ("hello",), ("he", "llo")]:
+        with pytest.raises(RemoteProtocolError, match="chunks"):
+            received(*texts)
+    # A receipt for the same request with another params map is refused, whatever else matches.
+    other_params = result_for(request(params={"temperature": 0.2}))
+    client, server = connected(req=req)
+    server.next_event()
+    client.receive_data(server.send(other_params))
+    with pytest.raises(RemoteProtocolError, match="params"):
+        client.next_event()
+
+
+def test_without_a_requested_model_any_model_may_answer():
+    req = request(model=None)
+    client, server = connected(req=req)
+    server.next_event()
+    client.receive_data(server.send(result_for(req, model="tiny")))
+    assert client.next_event().model == "tiny"
+
+
+@settings(max_examples=100)
+@given(st.lists(st.text(max_size=6), max_size=5), st.lists(st.text(max_size=6), max_size=5))
+def test_chunk_digests_differ_for_different_sequences(a, b):
+    assert (reason.chunks_digest(a) == reason.chunks_digest(b)) == (a == b)
+    streamed = reason.ChunkDigest()
+    for text in a:
+        streamed.update(text)
+    assert streamed.digest() == reason.chunks_digest(a)
 
 
 def test_without_a_provider_the_receipt_is_passed_on_unread():
@@ -399,7 +460,7 @@ def test_round_trip_property(req, texts, output):
     client, server = connected(req=req)
     assert server.next_event() == req
     data = b"".join(server.send(Chunk(i, text)) for i, text in enumerate(texts))
-    data += server.send(result_for(req, output))
+    data += server.send(result_for(req, output, chunks=texts, model=req.model or "llama"))
     client.receive_data(data)
     for i, text in enumerate(texts):
         assert client.next_event() == Chunk(i, text)
