@@ -1,9 +1,9 @@
 """Memory per node: RSS and Python heap (tracemalloc), on both hosts.
 
 Each configuration runs in a child process of its own (RSS never shrinks back, so one
-process per measurement keeps them apart). In the child: import everything, load the four
+process per measurement keeps them apart). In the child: import everything, load the
 embedded models once and measure what they cost, then bring N nodes up and measure again.
-Every fifth node serves one embedded model (round robin over the four); the models are
+Every fifth node serves one embedded model (round robin over the embedded models); the models are
 loaded once per process and shared by every node that serves them, so the per-node figure
 is the node's own cost (host, DHT tables and stores, records, sessions). Measured one
 second (virtual on the memory network) after the last node published, so that messages
@@ -56,7 +56,7 @@ def _host_factory(kind: str):
 
 
 def _backends_for(i: int) -> list:
-    """Every PROVIDER_EVERY-th node serves one embedded model (round robin over the four)."""
+    """Every PROVIDER_EVERY-th node serves one embedded model (round robin over the embedded models)."""
     from modelnet.models.embedded import EMBEDDED_MODELS, EmbeddedBackend
 
     if i % PROVIDER_EVERY:
@@ -199,7 +199,7 @@ def main() -> None:
         ["what", "RSS MB"],
         [["Python + modelnet + py-libp2p imported", f"{first['rss_after_imports'] / MB:.1f}"]]
         + [[f"model {name}", f"{size / MB:.1f}"] for name, size in first["model_rss"].items()]
-        + [["all four models", f"{sum(first['model_rss'].values()) / MB:.1f}"]],
+        + [[f"all {len(first['model_rss'])} embedded models (sum of the rows above)", f"{sum(first['model_rss'].values()) / MB:.1f}"]],
         note="RSS growth while each model loads (yake's is mostly its import).",
     )
     report.table(

@@ -182,7 +182,7 @@ async def _run_node(key, listen, backends, bootstrap, args, specs, trust, upstre
     from modelnet.p2p.node import Config, Node
 
     progress = render.Progress(sys.stderr)
-    http = gateway_cli.gateway_config(args) if args.http else None
+    http = gateway_cli.gateway_setup(args)
     # Some backends (openai:<url> without #model) learn their models from their server;
     # the node publishes what they serve, and policies name them, so that comes first.
     try:
@@ -193,7 +193,12 @@ async def _run_node(key, listen, backends, bootstrap, args, specs, trust, upstre
 
     policies = parse_policies(args.policy or [], {info.name for backend in backends for info in backend.models()})
     async with open_libp2p_host(key, listen, swarm_key=swarm_key(args)) as host:
-        config = Config(forwarding=args.forward or bool(upstream), upstream=tuple(upstream))
+        config = Config(
+            forwarding=args.forward or bool(upstream),
+            upstream=tuple(upstream),
+            relays=tuple(_full_addrs(args.relay or [])),
+            relay_service=args.relay_service,
+        )
         node = Node(host, key, backends, config, memberships=trust["memberships"], policies=policies, revocations=trust["revocations"])
         for addr in node.addrs:
             print(f"listening on {addr}", flush=True)
@@ -203,6 +208,9 @@ async def _run_node(key, listen, backends, bootstrap, args, specs, trust, upstre
             await _start(nursery, node, bootstrap, args.timeout)
             if bootstrap:
                 progress.done(f"joined: {len(node.dht.routing_table)} peers in the routing table")
+            for addr in node.addrs:
+                if "/p2p-circuit" in addr:
+                    print(f"reachable through a relay at {addr}", flush=True)
             progress.step("loading models and publishing capabilities")
             await node.wait_warm()
             await node.wait_published()
@@ -312,7 +320,7 @@ async def _via_session(args: argparse.Namespace, via: list[str], action) -> int:
 
     key = PrivateKey.generate()
     progress = render.Progress(sys.stderr, quiet=args.json)
-    async with open_libp2p_host(key, [DEFAULT_LISTEN]) as host:
+    async with open_libp2p_host(key, [DEFAULT_LISTEN], swarm_key=swarm_key(args)) as host:
         node = Node(host, key, (), Config(client_mode=True))
         return await action(node, args, progress)
 
@@ -457,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", action="append", metavar="MODEL=POLICY", help="who may use MODEL: public, org:<id>[:role=<r>], peer:<id>, comma-combined (repeatable)")
     p.add_argument("--forward", action="store_true", help="route requests for capabilities this node does not serve")
     p.add_argument("--upstream", action="append", metavar="ADDR", help="a forwarding peer for what the DHT can't find (repeatable; implies --forward)")
+    p.add_argument("--relay", action="append", metavar="ADDR", help="reserve a slot on this circuit relay (full address; repeatable): "
+        "for a node others cannot dial, which then advertises …/p2p/<relay>/p2p-circuit")
+    p.add_argument("--relay-service", action="store_true", help="act as a circuit relay v2 for peers that cannot be dialled")
     p.set_defaults(func=cmd_node)
 
     for name, func, helptext in (("find", cmd_find, "list providers of a capability"), ("ask", cmd_ask, "ask the network")):

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .main import EXIT_OK, EXIT_USAGE, KEY_FILE, CliError, bootstrap_addrs, home_dir, load_config, passphrase
+from .main import EXIT_OK, EXIT_USAGE, KEY_FILE, CliError, bootstrap_addrs, home_dir, load_config, passphrase, swarm_key
 
 ORGS_DIR = "orgs"
 MEMBERSHIPS_DIR = "memberships"
@@ -216,6 +216,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     home = home_dir(args)
     org_key = _load_org_key(args, args.name)
     member = _peer(args.peer, "peer to revoke")
+    swarm = swarm_key(args)  # a bad key file is a usage error before anything is written
     path = home / ORGS_DIR / f"{_org_name(args.name)}.revoked"
     now = time.time()
     revoked, seq = set(), 0
@@ -239,12 +240,12 @@ def cmd_revoke(args: argparse.Namespace) -> int:
         return EXIT_OK
     import trio
 
-    replicas = trio.run(_publish_revocation, revocation, bootstrap, args.timeout)
+    replicas = trio.run(_publish_revocation, revocation, bootstrap, args.timeout, swarm)
     print(f"published to {replicas} peer(s); providers honour it within one refresh interval")
     return EXIT_OK
 
 
-async def _publish_revocation(revocation, bootstrap: list[str], timeout: float) -> int:
+async def _publish_revocation(revocation, bootstrap: list[str], timeout: float, swarm=None) -> int:
     import trio
 
     from modelnet.identity import PrivateKey, revocation_key
@@ -254,7 +255,7 @@ async def _publish_revocation(revocation, bootstrap: list[str], timeout: float) 
     from .main import DEFAULT_LISTEN, _start
 
     key = PrivateKey.generate()  # a light client: the revocation is signed by the org, not by us
-    async with open_libp2p_host(key, [DEFAULT_LISTEN]) as host:
+    async with open_libp2p_host(key, [DEFAULT_LISTEN], swarm_key=swarm) as host:
         node = Node(host, key, (), Config(client_mode=True))
         async with trio.open_nursery() as nursery:
             await _start(nursery, node, bootstrap, timeout)

@@ -69,7 +69,7 @@ def answer_json(answer) -> dict[str, Any]:
             "compute_ms": round(answer.usage.compute_ms, 3),
         },
         "receipt": answer.receipt.hex(),
-        "failed_attempts": [{"provider": str(peer), "error": why} for peer, why in answer.attempts],
+        "failed_attempts": [{"provider": str(a.peer), "error": a.message, "code": a.code} for a in answer.attempts],
     }
 
 

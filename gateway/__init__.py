@@ -1,6 +1,6 @@
 """An OpenAI-compatible HTTP gateway onto the modelnet network (see :mod:`.app`)."""
 
-from .app import Gateway, PlanRunner, Routed
+from .app import Gateway, Plan, PlanRunner, Routed
 from .catalog import DISCOVERY_TAGS, Catalog, Target
 from .config import Config, load_api_keys, parse_http_address
 from .errors import ApiError, GatewayError, ListenError
@@ -13,6 +13,7 @@ __all__ = [
     "Gateway",
     "GatewayError",
     "ListenError",
+    "Plan",
     "PlanRunner",
     "Routed",
     "Target",

@@ -1,7 +1,7 @@
 """The gateway: a Starlette app over a running :class:`~modelnet.p2p.node.Node`, served by
 Hypercorn's trio worker in the caller's nursery.
 
-    gateway = Gateway(node, Config(port=8080), plans={"triage": run_triage})
+    gateway = Gateway(node, Config(port=8080), plans={"triage": plan_tree, "custom": run_custom})
     url = await nursery.start(gateway.serve)     # "http://127.0.0.1:8080"
 
 Each request names a model (see :mod:`.catalog`): a model this node serves itself runs
@@ -9,7 +9,15 @@ here (a prompt never leaves the machine when it need not); anything else is rout
 ``Node.ask``, which finds, ranks and fails over between providers. A streamed answer
 starts only once the first chunk (or the whole answer) is in, so a request that fails
 before that gets a proper HTTP status; one that fails mid-stream ends with an error event,
-as OpenAI's do. A client that disconnects cancels its routed request.
+as OpenAI's do. A registered plan is a model too (see :mod:`.plans`: what it streams,
+the provenance it carries). :mod:`.guard` keeps browsers out, bounds bodies and concurrent
+requests, and cancels a request's work when its client disconnects, streamed or not.
+
+Authority: a gateway serves clients it cannot identify, so by default it lends them none of
+its node's. A model this node serves under a non-public access policy is neither listed nor
+served, and requests are routed as an anonymous peer's (public records only, no membership
+certificate presented). ``Config.serve_private`` opts in to both: every client then acts
+with the node's authority.
 """
 
 from __future__ import annotations
@@ -20,7 +28,6 @@ import dataclasses
 import functools
 import logging
 import math
-import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -40,23 +47,27 @@ from modelnet.models.base import Chunk as ModelChunk
 from modelnet.models.base import InvalidInput, ModelError
 from modelnet.models.base import Output as ModelOutput
 from modelnet.p2p.node import Answer, Node, NoProvider, RequestFailed
+from modelnet.p2p.plans import PlanFailed, execute
 from modelnet.p2p.serving import ServedModel
+from modelnet.protocols import plan as plan_protocol
 from modelnet.protocols import reason
 from modelnet.protocols.errors import LocalProtocolError
 
 from . import openai_api as api
+from . import plans as gateway_plans
 from .catalog import Catalog, Target
 from .config import Config
 from .errors import ApiError, ListenError, invalid
+from .guard import Guard
 
 logger = logging.getLogger(__name__)
 
 OnChunk = Callable[[str], None]
-# A plan runner: (input text, on_chunk) -> (output, chunks). Plans compose several models;
-# they are built elsewhere and registered by name.
+# A plan runner: (input text, on_chunk) -> (output, chunks), for composition written in
+# code. A plan tree (modelnet.protocols.plan, e.g. from a plan file) is registered as is:
+# the gateway executes it and answers with its trace.
 PlanRunner = Callable[[str, OnChunk], Awaitable[tuple[Any, Sequence[str]]]]
-
-_OVERLOADED = re.compile(r"^(refused: )?%s:" % re.escape(reason.OVERLOADED))
+Plan = plan_protocol.PlanNode | PlanRunner
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,18 +86,22 @@ class Gateway:
         node: Node,
         config: Config = Config(),
         *,
-        plans: Mapping[str, PlanRunner] | None = None,
+        plans: Mapping[str, Plan] | None = None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.node = node
         self.config = config
         self.plans = dict(plans or {})
+        for tree in self.plans.values():
+            if gateway_plans.is_plan(tree):
+                plan_protocol.validate(tree)  # InvalidPlan now, not at the first request
         self.wall_clock = wall_clock
         self.catalog = Catalog(
-            node, self.plans, tags=config.discovery_tags, ttl=config.catalog_ttl, lookup_timeout=config.lookup_timeout
-        )
+            node, self.plans, tags=config.discovery_tags, ttl=config.catalog_ttl, lookup_timeout=config.lookup_timeout,
+            private=config.serve_private,
+        )  # fmt: skip
         self.url: str | None = None  # once serving
-        self.app = Starlette(
+        self.app = Guard(Starlette(
             routes=[
                 Route("/v1/models", self._endpoint(self._models), methods=["GET"]),
                 Route("/v1/models/{model:path}", self._endpoint(self._model), methods=["GET"]),
@@ -95,7 +110,7 @@ class Gateway:
                 Route("/v1/embeddings", self._endpoint(self._embeddings), methods=["POST"]),
             ],
             exception_handlers={HTTPException: _http_exception},
-        )
+        ), config)  # fmt: skip
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Serve HTTP until cancelled; started with the URL it listens on."""
@@ -210,16 +225,7 @@ class Gateway:
         )
 
     async def _body(self, request: Request) -> bytes:
-        limit = self.config.max_body_bytes
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise ApiError(413, f"the request body exceeds {limit} bytes")
-        body = bytearray()
-        async for piece in request.stream():
-            body += piece
-            if len(body) > limit:
-                raise ApiError(413, f"the request body exceeds {limit} bytes")
-        return bytes(body)
+        return await request.body()  # the guard read it whole, within max_body_bytes
 
     # -- routing ----------------------------------------------------------------------
 
@@ -238,23 +244,18 @@ class Gateway:
         budget = timeout or self.config.request_timeout or self.node.config.request_timeout
         params = dict(params)
         _check_request(target, text, params)
+        if target.kind == "plan" and gateway_plans.is_plan(self.plans[target.id]):
+            return await self._execute_plan(target, text, params, timeout or self.config.request_timeout)
         deadline = trio.current_time() + budget
         try:
             if target.kind == "plan":
                 with trio.fail_at(deadline):
                     return await self._run_plan(target, text, on_chunk)
-            local = self.node.server.matching(target.capability, target.model)
+            local = [served for served in self.node.server.matching(target.capability, target.model) if self.catalog.usable(served)]
             if local:
                 with trio.fail_at(deadline):
                     return await self._run_local(local[0], target, text, params, on_chunk)
-            answer = await self.node.ask(
-                target.capability,
-                text,
-                params,
-                model=target.model,
-                timeout=budget,
-                on_chunk=None if on_chunk is None else (lambda peer, chunk: on_chunk(chunk)),
-            )
+            answer = await self._ask(target, text, params, budget, on_chunk)
         except trio.TooSlowError:
             raise ApiError(504, f"no answer within the deadline of {budget:g} s", code="deadline_exceeded") from None
         except NoProvider as exc:
@@ -264,6 +265,36 @@ class Gateway:
         except ModelNetError as exc:  # a plan's own failure
             raise ApiError(502, f"{target.id} failed: {exc}", code="provider_failed") from None
         return Routed(answer.output, answer.chunks, answer.model, _answer_extension(answer))
+
+    async def _ask(self, target: Target, text: str, params: dict[str, Any], budget: float, on_chunk: OnChunk | None) -> Answer:
+        """Route through the network: as this node (``serve_private``), or anonymously."""
+        sink = None if on_chunk is None else (lambda peer, chunk: on_chunk(chunk))
+        return await self.node.ask(
+            target.capability,
+            text,
+            params,
+            model=target.model,
+            timeout=budget,
+            on_chunk=sink,
+            anonymous=not self.config.serve_private,
+        )
+
+    async def _execute_plan(self, target: Target, text: str, params: Mapping[str, Any], timeout: float | None) -> Routed:
+        """Run a plan tree through the node; the answer carries its trace."""
+        tree = self.plans[target.id]
+        if params:
+            raise invalid(f"{target.id} is a plan: its steps carry their own params", "modelnet.params")
+        budget = timeout or self.node.config.request_timeout * plan_protocol.critical_length(tree)
+        started = trio.current_time()
+        try:
+            result = await execute(self.node, tree, text, timeout=budget, anonymous=not self.config.serve_private)
+        except PlanFailed as exc:
+            extension = gateway_plans.extension(target.id, exc.trace, exc.decisions, trio.current_time() - started)
+            if trio.current_time() >= started + budget:
+                raise ApiError(504, f"{target.id}: {exc}", code="deadline_exceeded", extension=extension) from None
+            raise ApiError(502, f"{target.id} failed: {exc}", code="plan_failed", extension=extension) from None
+        extension = gateway_plans.extension(target.id, result.trace, result.decisions, result.elapsed)
+        return Routed(result.output, (), target.id, extension)
 
     async def _run_plan(self, target: Target, text: str, on_chunk: OnChunk | None) -> Routed:
         started = trio.current_time()
@@ -288,9 +319,10 @@ class Gateway:
                     elif isinstance(item, ModelOutput):
                         output = item.value
         except InvalidInput as exc:
-            raise invalid(f"{name}: {exc}", code="invalid_input") from None
-        except ModelError as exc:
-            raise ApiError(502, f"{name} failed: {exc}", code="provider_failed") from None
+            raise invalid(f"{name}: {exc.public}", code="invalid_input") from None
+        except ModelError as exc:  # HTTP clients get what a remote asker would: no upstream error bodies
+            logger.warning("local model %s failed: %s", name, exc)
+            raise ApiError(502, f"{name} failed: {exc.public}", code="provider_failed") from None
         usage = {
             "input_bytes": len(text.encode()),
             "output_bytes": len(reason.encode_output(output)),
@@ -319,7 +351,7 @@ def _failure(exc: RequestFailed, deadline_passed: bool) -> ApiError:
         return invalid(str(exc), code="invalid_input")
     if deadline_passed:
         return ApiError(504, f"{exc} (the deadline passed)", code="deadline_exceeded")
-    if exc.errors and all(_OVERLOADED.match(why) for _, why in exc.errors):
+    if exc.errors and all(attempt.code == reason.OVERLOADED for attempt in exc.errors):
         return ApiError(429, f"every provider is busy: {exc}", code="overloaded")
     return ApiError(502, str(exc), code="provider_failed")
 
@@ -438,9 +470,9 @@ class EventStream:
         async def body(data: bytes, more: bool = True) -> None:
             await send({"type": "http.response.body", "body": data, "more_body": more})
 
+        # A client that disconnects cancels all of this (the guard's watcher).
         async with trio.open_nursery() as nursery:
             nursery.start_soon(work)
-            nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
             started = False
             async with chunk_receiver:
                 async for text in chunk_receiver:
@@ -459,17 +491,9 @@ class EventStream:
                     await body(api.sse(self.events.piece(_text(result))))
                 await body(api.sse(self.events.tail(result)))
                 await body(api.SSE_DONE, more=False)
-            nursery.cancel_scope.cancel()
 
     async def _start(self, send) -> bool:
         await send({"type": "http.response.start", "status": 200, "headers": self.HEADERS})
         for event in self.events.head():
             await send({"type": "http.response.body", "body": api.sse(event), "more_body": True})
         return True
-
-
-async def _cancel_on_disconnect(receive, scope: trio.CancelScope) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    logger.info("a client disconnected mid-answer: cancelling its request")
-    scope.cancel()

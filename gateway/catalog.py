@@ -7,6 +7,10 @@ each within a time bound, and lists the models the verified records of those pro
 declare. The list is kept for ``ttl`` seconds. A model that serves none of those tasks is
 still reachable by name: :meth:`Catalog.resolve` looks up its ``model:<name>`` tag.
 
+Unless ``private`` (the gateway's ``serve_private``), the catalog sees what an anonymous
+peer sees: this node's models under a non-public access policy are left out, and lookups
+search public records only, never the private ones of the node's organisations.
+
 A name resolves, in this order, to a registered plan, to ``task:<tag>`` (any model of
 that capability), or to a model name (the ``model:<name>`` capability, that model only).
 """
@@ -22,6 +26,7 @@ import trio
 
 from modelnet.errors import ModelNetError
 from modelnet.p2p.node import Node, Provider
+from modelnet.p2p.serving import ServedModel
 from modelnet.protocols import capability as cap
 from modelnet.protocols.errors import ProtocolError
 
@@ -66,12 +71,14 @@ class Catalog:
         tags: Iterable[str] = DISCOVERY_TAGS,
         ttl: float = 30.0,
         lookup_timeout: float = 5.0,
+        private: bool = False,
     ) -> None:
         self.node = node
         self.plans = frozenset(plans)
         self.tags = {cap.normalize_tag(tag) for tag in tags}
         self.ttl = ttl
         self.lookup_timeout = lookup_timeout
+        self.private = private
         self._cached: tuple[float, list[dict[str, Any]]] | None = None
         self._lock = trio.Lock()
 
@@ -84,7 +91,7 @@ class Catalog:
             self.tags.add(tag)  # list what people ask for
             return Target(name, "task", capability=tag, task=tag)
         tag = self._tag(name, cap.MODEL_TAG_PREFIX + name)
-        served = self.node.server.models.get(name)
+        served = self._local().get(name)
         if served is not None:
             return Target(name, "model", capability=tag, model=name, task=served.capability.task)
         for provider in await self._find(tag):
@@ -103,7 +110,7 @@ class Catalog:
 
     async def _discover(self) -> list[dict[str, Any]]:
         models: dict[str, _Entry] = {}
-        for served in self.node.server.models.values():
+        for served in self._local().values():
             capability = served.capability
             entry = models.setdefault(capability.name, _Entry(capability.task, capability.description, capability.tags))
             entry.local = True
@@ -123,11 +130,19 @@ class Catalog:
                     entry.providers.add(str(provider.peer_id))
         return _listing(sorted(self.plans), models)
 
+    def usable(self, served: ServedModel) -> bool:
+        """Whether clients may use this node's model: one under a non-public access policy
+        only if ``private``."""
+        return self.private or served.info.name not in self.node.server.policies
+
+    def _local(self) -> dict[str, ServedModel]:
+        return {name: served for name, served in self.node.server.models.items() if self.usable(served)}
+
     async def _find(self, tag: str) -> list[Provider]:
         """Providers of ``tag``; nothing if the lookup fails or takes too long (logged)."""
         with trio.move_on_after(self.lookup_timeout):
             try:
-                return await self.node.find(tag)
+                return await self.node.find(tag, anonymous=not self.private)
             except ModelNetError as exc:
                 logger.info("looking up %s failed: %s", tag, exc)
                 return []

@@ -30,11 +30,19 @@ class Config:
     lookup_timeout: float = 5.0  # bound of one discovery lookup
     max_body_bytes: int = 4 << 20
     max_parallel_embeddings: int = 8  # inputs of one /v1/embeddings request routed at once
+    max_concurrent_requests: int = 64  # HTTP requests handled at once; beyond: 429 (see .guard)
+    allowed_hosts: tuple[str, ...] = ()  # more names clients may use in Host (a proxy's, a DNS name)
+    # Let clients use what only the node's authority reaches: models it serves under a
+    # non-public policy, and (routed) its organisations' private models. Off: requests are
+    # answered as an anonymous peer's would be (see docs/gateway.md).
+    serve_private: bool = False
 
     def __post_init__(self) -> None:
         check_listen(self.host, self.api_keys)
         if not 0 <= self.port <= 65535:
             raise ListenError(f"port {self.port} is not in 0..65535")
+        if self.max_concurrent_requests < 1:
+            raise ListenError("max_concurrent_requests must be at least 1")
 
     def key_matches(self, presented: str) -> bool:
         """Whether ``presented`` is one of our keys (constant time in each comparison)."""

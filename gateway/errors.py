@@ -11,9 +11,11 @@ from modelnet.errors import ModelNetError
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
+    403: "invalid_request_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     429: "rate_limit_error",
     500: "api_error",
     502: "api_error",
@@ -32,21 +34,29 @@ class ListenError(GatewayError):
 
 
 class ApiError(GatewayError):
-    """An answer in OpenAI's error format: ``{"error": {"message", "type", "param", "code"}}``."""
+    """An answer in OpenAI's error format: ``{"error": {"message", "type", "param", "code"}}``,
+    with a ``modelnet`` object beside ``error`` when there is more to say (a failed plan's trace)."""
 
-    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, *, code: str | None = None, param: str | None = None,
+        extension: dict[str, Any] | None = None,
+    ) -> None:  # fmt: skip
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
         self.param = param
+        self.extension = extension
 
     @property
     def type(self) -> str:
         return ERROR_TYPES.get(self.status, "api_error")
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        body: dict[str, Any] = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        if self.extension is not None:
+            body["modelnet"] = self.extension
+        return body
 
 
 def invalid(message: str, param: str | None = None, code: str | None = None) -> ApiError:

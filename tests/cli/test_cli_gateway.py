@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import subprocess
+import time
 
 import httpx
 import pytest
 import trio
+
+from modelnet.identity import PeerID
+from modelnet.protocols import plan
 
 from .test_cli import LIMIT, MODELNET, env_for, run
 
@@ -45,13 +51,29 @@ async def start(nursery, home, *args) -> tuple[trio.Process, Lines, Lines]:
     return process, Lines(process.stdout), Lines(process.stderr)
 
 
+PLAN = """
+pipeline:
+  - step: {capability: summarize, params: {sentences: 1}}
+  - step: sentiment
+"""
+
+
 async def test_node_with_http_and_a_gateway_light_client(tmp_path):
     await run(["init", "--listen", "/ip4/127.0.0.1/tcp/0"], tmp_path / "a", check=True)
+    plan_file = tmp_path / "brief.yaml"
+    plan_file.write_text(PLAN)
     async with trio.open_nursery() as nursery:
-        _, out, err = await start(nursery, tmp_path / "a", "node", "--model", "embedded:vader-sentiment", "--http", "127.0.0.1:0")
+        _, out, err = await start(
+            nursery, tmp_path / "a", "node", "--model", "embedded:vader-sentiment", "--model", "embedded:textrank-summary",
+            "--http", "127.0.0.1:0", "--serve-private",
+        )  # fmt: skip
         address = await out.until("listening on ")
+        assert "every HTTP client acts with this node's authority" in await err.until("--serve-private: ")
         node_url = await err.until("gateway listening on ")
-        _, _, gateway_err = await start(nursery, tmp_path / "g", "gateway", "--bootstrap", address, "--http", "127.0.0.1:0")
+        _, _, gateway_err = await start(
+            nursery, tmp_path / "g", "gateway", "--bootstrap", address, "--http", "127.0.0.1:0", "--plan", f"brief={plan_file}"
+        )
+        assert await gateway_err.until("plan brief ") == "served as model 'brief'"
         gateway_url = await gateway_err.until("gateway listening on ")
 
         chat = {"model": "task:sentiment", "messages": [{"role": "user", "content": "I love this wonderful network"}]}
@@ -63,8 +85,18 @@ async def test_node_with_http_and_a_gateway_light_client(tmp_path):
             routed = (await http.post(gateway_url + "/chat/completions", json=chat)).json()
             assert '"label": "positive"' in routed["choices"][0]["message"]["content"]
             assert routed["modelnet"]["local"] is False and address.endswith(routed["modelnet"]["provider"])
+            cross_site = await http.post(gateway_url + "/chat/completions", content=json.dumps(chat), headers={"Content-Type": "text/plain"})
+            assert cross_site.status_code == 415 and cross_site.json()["error"]["code"] == "unsupported_media_type"
             missing = await http.post(gateway_url + "/chat/completions", json=dict(chat, model="nobody-serves-this"))
             assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+
+            text = "I love this wonderful network. It routes requests between models. The weather is mild."
+            planned = (await http.post(gateway_url + "/chat/completions", json=dict(chat, model="brief", messages=[{"role": "user", "content": text}]))).json()
+            assert planned["model"] == "brief" and json.loads(planned["choices"][0]["message"]["content"])["label"] == "positive"
+            trace = plan.Trace.decode(base64.b64decode(planned["modelnet"]["trace"]))
+            plan.verify_trace(trace, asker=PeerID.from_base58(planned["modelnet"]["asker"]), now=time.time())
+            assert [step.capability for step in trace.steps] == ["summarize", "sentiment"]
+            assert {str(step.provider) for step in trace.steps} == {address.rsplit("/", 1)[1]}
         nursery.cancel_scope.cancel()
 
 
@@ -76,3 +108,19 @@ async def test_gateway_refuses_to_listen_beyond_loopback_without_keys(tmp_path):
     assert err.startswith("modelnet: error:") and "without API keys" in err and err.count("\n") == 1
     bad = await run(["gateway", "--bootstrap", address, "--http", "localhost"], tmp_path)
     assert bad.returncode == 2 and "HOST:PORT" in bad.stderr.decode()
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("ensemble: {step: sentiment, k: 2, aggregate: mean}\n")
+    for args, reason in (
+        (["--plan", f"bad={broken}"], "aggregate"),
+        (["--plan", f"task:x={broken}"], "plan name"),
+        (["--plan", "nofile"], "NAME=FILE"),
+        (["--plan", f"missing={tmp_path / 'missing.yaml'}"], "cannot read"),
+    ):
+        refused = await run(["gateway", "--bootstrap", address, "--http", "127.0.0.1:0", *args], tmp_path)
+        err = refused.stderr.decode()
+        assert refused.returncode == 2 and err.startswith("modelnet: error: --plan") and err.count("\n") == 1 and reason in err, err
+    await run(["init", "--listen", "/ip4/127.0.0.1/tcp/0"], tmp_path / "n", check=True)
+    for option in (["--plan", f"bad={broken}"], ["--serve-private"], ["--allowed-host", "api.example.org"]):
+        alone = await run(["node", "--model", "echo", *option], tmp_path / "n")
+        assert alone.returncode == 2 and "add --http" in alone.stderr.decode()

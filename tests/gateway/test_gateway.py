@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Any, AsyncIterator, Mapping
+from typing import Any
 
 import httpx
 import openai
@@ -16,44 +16,19 @@ from modelnet.gateway import Config as GatewayConfig
 from modelnet.errors import unwrapping_groups
 from modelnet.gateway import Gateway, ListenError
 from modelnet.identity import PeerID
-from modelnet.models.base import Backend, Chunk, ModelInfo, Output
 from modelnet.models.embedded import EchoBackend, EmbeddedBackend, hashed_embedding
 from modelnet.models.openai_http import OpenAIBackend
 from modelnet.p2p.node import Config
 from modelnet.protocols import reason
 from modelnet.testing.openai_upstream import open_upstream
 
-from . import KEY, open_gateway_network
+from . import KEY, Slow, open_gateway_network
 
 LIMIT = 30  # seconds: bounds a hang, never a measurement
 
 
 def embedded(*names: str) -> EmbeddedBackend:
     return EmbeddedBackend(offload=False, models=list(names))
-
-
-class Slow(Backend):
-    """Streams one word, then waits for ever; records that it was cancelled."""
-
-    name = "slow"
-
-    def __init__(self) -> None:
-        self.started = trio.Event()
-        self.cancelled = trio.Event()
-
-    def models(self) -> list[ModelInfo]:
-        return [ModelInfo("slow-chat", "chat", streaming=True)]
-
-    async def run(self, model: str, text: str, params: Mapping[str, Any]) -> AsyncIterator[Chunk | Output]:
-        self.info(model)
-        self.started.set()
-        yield Chunk("thinking ")
-        try:
-            await trio.sleep_forever()
-        except trio.Cancelled:
-            self.cancelled.set()
-            raise
-        yield Output("never")
 
 
 async def test_official_client_lists_chats_streams_and_embeds():
@@ -129,7 +104,7 @@ async def test_raw_http_event_stream_and_float_embeddings_match_openai_framing()
                 for path, method in (("/v1/nothing", "GET"), ("/v1/chat/completions", "GET")):
                     response = await http.request(method, path)
                     assert response.status_code in (404, 405) and set(response.json()["error"]) == {"message", "type", "param", "code"}
-                response = await http.post("/v1/chat/completions", content=b"{not json")
+                response = await http.post("/v1/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"})
                 assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, AsyncIterator, Mapping
 
 import pytest
 import trio
@@ -13,14 +12,13 @@ from modelnet.identity.records import SignedRecord
 from modelnet.protocols import kad
 from modelnet.identity import canonical
 from modelnet.protocols.framing import FrameDecoder, encode_frame
-from modelnet.models.base import Backend, Chunk, ModelError, ModelInfo, Output
 from modelnet.models.embedded import EchoBackend, EmbeddedBackend
 from modelnet.p2p.node import Config, NoProvider, RequestFailed
 from modelnet.p2p.memory import MemoryNetwork
 from modelnet.protocols import capability as cap
 from modelnet.protocols import reason, session
 from modelnet.p2p.errors import StreamClosed
-from modelnet.testing import open_memory_swarm, open_node, seeded_key, virtual_wall_clock
+from modelnet.testing import ScriptedBackend, open_memory_swarm, open_node, seeded_key, virtual_wall_clock
 
 EMBEDDED_SETS = [
     ["vader-sentiment", "langid"],
@@ -28,35 +26,6 @@ EMBEDDED_SETS = [
     ["vader-sentiment", "yake-keywords"],
     ["langid", "textrank-summary"],
 ]
-
-
-class TaggedEcho(Backend):
-    """Echo that says which node answered, so routing decisions are visible."""
-
-    def __init__(self, label: str, task: str = "echo", *, fail: bool = False, delay: float = 0.0) -> None:
-        self.name = f"tagged-{label}"
-        self.label = label
-        self.task = task
-        self.fail = fail
-        self.delay = delay
-        self.started = 0
-        self.cancelled = trio.Event()
-
-    def models(self) -> list[ModelInfo]:
-        return [ModelInfo(name=self.name, task=self.task, streaming=True)]
-
-    async def run(self, model: str, text: str, params: Mapping[str, Any]) -> AsyncIterator[Chunk | Output]:
-        self.started += 1
-        if self.fail:
-            raise ModelError(f"{self.label} is broken")
-        try:
-            if self.delay:
-                await trio.sleep(self.delay)
-            yield Chunk(self.label)
-            yield Output(f"{self.label}:{text}")
-        except trio.Cancelled:
-            self.cancelled.set()
-            raise
 
 
 async def test_every_node_finds_and_asks_every_capability(autojump_clock):
@@ -87,18 +56,18 @@ def answer_provider(swarm, answer):
 
 
 async def test_find_returns_only_real_providers_with_verified_records(autojump_clock):
-    async with open_memory_swarm(12, backends_for=lambda i: [TaggedEcho(str(i))] if i % 3 == 0 else []) as swarm:
+    async with open_memory_swarm(12, backends_for=lambda i: [ScriptedBackend(str(i))] if i % 3 == 0 else []) as swarm:
         providers = await swarm.nodes[5].find("echo")
         assert sorted(str(p.peer_id) for p in providers) == sorted(str(swarm.nodes[i].peer_id) for i in (0, 3, 6, 9))
         for p in providers:
             assert p.record.peer_id == p.peer_id
-            assert [m.name for m in p.models] == [f"tagged-{[str(n.peer_id) for n in swarm.nodes].index(str(p.peer_id))}"]
+            assert [m.name for m in p.models] == [f"scripted-{[str(n.peer_id) for n in swarm.nodes].index(str(p.peer_id))}"]
         with pytest.raises(NoProvider):
             await swarm.nodes[5].ask("translate", "hello")
 
 
 async def test_routes_to_the_lowest_latency_provider(autojump_clock):
-    backends = {1: [TaggedEcho("slow")], 2: [TaggedEcho("fast")]}
+    backends = {1: [ScriptedBackend("slow")], 2: [ScriptedBackend("fast")]}
     async with open_memory_swarm(8, backends_for=lambda i: backends.get(i, []), latency=0.002) as swarm:
         asker, slow, fast = swarm.nodes[5], swarm.nodes[1], swarm.nodes[2]
         swarm.network.set_link_latency(asker.peer_id, slow.peer_id, 0.080)
@@ -114,8 +83,8 @@ async def test_routes_to_the_lowest_latency_provider(autojump_clock):
 
 
 async def test_fails_over_when_a_provider_errs_before_its_first_chunk(autojump_clock):
-    broken = TaggedEcho("broken", fail=True)
-    healthy = TaggedEcho("healthy")
+    broken = ScriptedBackend("broken", fail=True)
+    healthy = ScriptedBackend("healthy")
     backends = {1: [broken], 2: [healthy]}
     async with open_memory_swarm(6, backends_for=lambda i: backends.get(i, []), latency=0.002) as swarm:
         asker = swarm.nodes[4]
@@ -132,7 +101,7 @@ async def test_fails_over_when_a_provider_errs_before_its_first_chunk(autojump_c
 
 
 async def test_a_crashed_provider_is_replaced(autojump_clock):
-    backends = {1: [TaggedEcho("a")], 2: [TaggedEcho("b")]}
+    backends = {1: [ScriptedBackend("a")], 2: [ScriptedBackend("b")]}
     config = Config(network_timeout=2.0)
     async with open_memory_swarm(8, backends_for=lambda i: backends.get(i, []), config=config, latency=0.002) as swarm:
         asker = swarm.nodes[6]
@@ -145,7 +114,7 @@ async def test_a_crashed_provider_is_replaced(autojump_clock):
 
 
 async def test_a_frozen_provider_does_not_hold_up_a_request(autojump_clock):
-    backends = {1: [TaggedEcho("frozen")], 2: [TaggedEcho("alive")]}
+    backends = {1: [ScriptedBackend("frozen")], 2: [ScriptedBackend("alive")]}
     config = Config(network_timeout=5.0)
     async with open_memory_swarm(6, backends_for=lambda i: backends.get(i, []), config=config) as swarm:
         asker = swarm.nodes[4]
@@ -158,26 +127,26 @@ async def test_a_frozen_provider_does_not_hold_up_a_request(autojump_clock):
 
 
 async def test_deadline_stops_the_work_and_fails_the_request(autojump_clock):
-    slow = TaggedEcho("slow", delay=30.0)
+    slow = ScriptedBackend("slow", delay=30.0)
     async with open_memory_swarm(4, backends_for=lambda i: [slow] if i == 1 else []) as swarm:
         with pytest.raises(RequestFailed):
             await swarm.nodes[2].ask("echo", "hi", timeout=3.0)
         with trio.fail_after(5):
-            await slow.cancelled.wait()  # the provider stopped working for a gone asker
+            await slow.was_cancelled.wait()  # the provider stopped working for a gone asker
 
 
 async def test_cancelling_the_asker_cancels_the_provider(autojump_clock):
-    slow = TaggedEcho("slow", delay=60.0)
+    slow = ScriptedBackend("slow", delay=60.0)
     async with open_memory_swarm(4, backends_for=lambda i: [slow] if i == 1 else []) as swarm:
         with trio.move_on_after(5):
             await swarm.nodes[3].ask("echo", "hi", timeout=120)
         with trio.fail_after(5):
-            await slow.cancelled.wait()
+            await slow.was_cancelled.wait()
         assert slow.started == 1
 
 
 async def test_session_grants_are_reused(autojump_clock):
-    echo = TaggedEcho("e")
+    echo = ScriptedBackend("e")
     async with open_memory_swarm(5, backends_for=lambda i: [echo] if i == 1 else []) as swarm:
         asker = swarm.nodes[3]
         await asker.ask("echo", "1")
@@ -188,7 +157,7 @@ async def test_session_grants_are_reused(autojump_clock):
 
 
 async def test_request_with_a_grant_for_another_peer_is_refused(autojump_clock):
-    echo = TaggedEcho("e")
+    echo = ScriptedBackend("e")
     async with open_memory_swarm(5, backends_for=lambda i: [echo] if i == 1 else []) as swarm:
         provider, alice, mallory = swarm.nodes[1], swarm.nodes[2], swarm.nodes[3]
         await alice.ask("echo", "mine")
@@ -203,7 +172,7 @@ async def test_request_with_a_grant_for_another_peer_is_refused(autojump_clock):
 
 
 async def test_forged_capability_record_is_rejected_by_the_dht(autojump_clock):
-    async with open_memory_swarm(6, backends_for=lambda i: [TaggedEcho(str(i))] if i == 1 else []) as swarm:
+    async with open_memory_swarm(6, backends_for=lambda i: [ScriptedBackend(str(i))] if i == 1 else []) as swarm:
         victim, attacker = swarm.nodes[1], swarm.nodes[4]
         forged = cap.CapabilityRecord(peer_id=victim.peer_id, addrs=("/memory/999",), models=())
         # CapabilityRecord.sign refuses to sign for another peer; an attacker signs by hand.
@@ -260,7 +229,7 @@ JUNK = (b"\xff" * 40, b"\x05hello", b"\x00", b"\x80\x80\x80\x80\x80\x80\x80\x80\
 
 
 async def test_garbage_on_every_protocol_is_refused_and_the_node_keeps_serving(autojump_clock, caplog):
-    echo = TaggedEcho("e")
+    echo = ScriptedBackend("e")
     async with open_memory_swarm(4, backends_for=lambda i: [echo] if i == 1 else []) as swarm:
         provider, attacker = swarm.nodes[1], swarm.nodes[2]
         for junk in JUNK:
@@ -285,7 +254,7 @@ async def test_garbage_on_every_protocol_is_refused_and_the_node_keeps_serving(a
 
 async def test_republished_records_outlive_their_ttl(autojump_clock):
     config = Config(record_ttl=600, republish_interval=200)
-    echo = TaggedEcho("e")
+    echo = ScriptedBackend("e")
     async with open_memory_swarm(6, backends_for=lambda i: [echo] if i == 1 else [], config=config) as swarm:
         await trio.sleep(3 * 3600)  # virtual hours: the first record expired long ago
         answer = await swarm.nodes[4].ask("echo", "later")
@@ -309,7 +278,7 @@ async def test_invalid_input_is_reported_once_not_failed_over(autojump_clock):
 
 
 async def test_an_asker_that_half_closes_after_its_request_still_gets_the_answer(autojump_clock):
-    echo = TaggedEcho("e", delay=1.0)
+    echo = ScriptedBackend("e", delay=1.0)
     async with open_memory_swarm(4, backends_for=lambda i: [echo] if i == 1 else []) as swarm:
         provider, asker = swarm.nodes[1], swarm.nodes[2]
         grant = await asker._grant_for(provider.peer_id, "echo")
@@ -333,11 +302,11 @@ async def test_an_asker_that_half_closes_after_its_request_still_gets_the_answer
             events.append(event)
         assert [type(e) for e in events] == [reason.Chunk, reason.Result]
         assert events[-1].output == "e:hi"
-        assert not echo.cancelled.is_set()
+        assert not echo.was_cancelled.is_set()
 
 
 async def test_a_provider_at_its_per_peer_limit_refuses_and_is_not_banned(autojump_clock):
-    slow = TaggedEcho("slow", delay=10.0)
+    slow = ScriptedBackend("slow", delay=10.0)
     config = Config(max_requests_per_peer=1)
     async with open_memory_swarm(4, backends_for=lambda i: [slow] if i == 1 else [], config=config) as swarm:
         provider, asker = swarm.nodes[1], swarm.nodes[2]
