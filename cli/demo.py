@@ -38,6 +38,14 @@ ARTICLE = (
     "The weather was pleasant on the day the first prototype ran."
 )
 
+REVIEW = (
+    "We moved our support models onto the network last month. "
+    "Setting up the first node took ten minutes and the documentation was excellent. "
+    "Requests now reach the fastest model automatically, and our team loves how reliable it has been. "
+    "The office coffee machine broke on Tuesday. "
+    "Overall the switch was a great success and we are delighted with the results."
+)
+
 REQUESTS = [
     ("sentiment", "I absolutely love how easy this network makes it to share models!", {}),
     ("language-id", "Le réseau trouve tout seul le modèle qui sait répondre.", {}),
@@ -52,7 +60,7 @@ def demo_plans():
     from modelnet.protocols.plan import Ensemble, Pipeline, Step, Vote
 
     return [
-        ("pipeline: summarize -> sentiment", Pipeline((Step("summarize", params={"sentences": 2}), Step("sentiment"))), ARTICLE),
+        ("pipeline: summarize -> sentiment", Pipeline((Step("summarize", params={"sentences": 2}), Step("sentiment"))), REVIEW),
         (
             "ensemble: sentiment on 2 providers, majority vote on the label",
             Ensemble.replicate(Step("sentiment"), 2, Vote(field="label")),

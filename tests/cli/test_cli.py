@@ -151,7 +151,7 @@ async def test_demo_runs_end_to_end(tmp_path):
     assert report["requests"][2]["answer"]["keywords"]
     pipeline, vote = report["plans"]
     assert [step.split("@")[0] for step in pipeline["steps"]] == ["summarize", "sentiment"]
-    assert pipeline["answer"]["label"] in {"positive", "negative", "neutral"} and pipeline["trace_verified"]
+    assert pipeline["answer"]["label"] == "positive" and pipeline["trace_verified"]  # the summary keeps the praise
     # the ensemble asked two distinct providers and both voted "positive"
     assert len(set(vote["steps"])) == 2 and vote["answer"]["label"] == "positive"
     # the private model: a member finds and calls it, an outsider cannot even find it
