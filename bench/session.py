@@ -40,7 +40,14 @@ from modelnet.testing import open_node, open_swarm, seeded_key
 from .common import Report, Summary, arguments, ms, quiet_logging
 
 ORG = seeded_key(900, seed=9)
-PROVIDER_CONFIG = Config(max_concurrent_requests=64, max_requests_per_peer=64, requests_per_minute_per_peer=10**9)
+# One client plays every asker: the per-peer limits (requests and session negotiations) are lifted.
+PROVIDER_CONFIG = Config(
+    max_concurrent_requests=64,
+    max_requests_per_peer=64,
+    requests_per_minute_per_peer=10**9,
+    max_sessions_per_peer=64,
+    sessions_per_minute_per_peer=10**9,
+)
 CLIENT_CONFIG = Config(client_mode=True, provider_cache_ttl=1e9)
 
 
