@@ -178,3 +178,28 @@ async def test_one_request_tries_at_most_max_attempts_providers(autojump_clock):
             await asker.ask("echo", "x")
         assert len(failed.value.errors) == 3
         assert sum(b.started for b in broken.values()) == 3  # six could have been asked
+
+
+class _Unloaded(ScriptedBackend):
+    """A provider whose model server no longer has the model (an upstream 404)."""
+
+    async def run(self, model, text, params):
+        from modelnet.models.base import UnknownModel
+
+        self.started += 1
+        raise UnknownModel(f"{model} was unloaded")
+        yield  # an async generator, like every backend's run
+
+
+async def test_a_provider_whose_model_is_gone_is_failed_over(autojump_clock):
+    # UnknownModel is the provider's problem, not the request's: the asker tries the next one.
+    backends = {1: _Unloaded("gone"), 2: ScriptedBackend("spare")}
+    async with open_memory_swarm(5, backends_for=lambda i: [backends[i]] if i in backends else [], latency=LINK) as swarm:
+        asker = swarm.nodes[4]
+        link(swarm, 4, 1, 0.001)  # the broken one is the nearest, so it is tried first
+        link(swarm, 4, 2, 0.030)
+        answer = await asker.ask("echo", "q")
+        assert answer.output == "spare:q"
+        assert backends[1].started == 1
+        [attempt] = answer.attempts
+        assert attempt.peer == swarm.nodes[1].peer_id and attempt.code == "no-such-capability"
