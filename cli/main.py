@@ -83,15 +83,20 @@ def bootstrap_addrs(args: argparse.Namespace, config: dict[str, Any]) -> list[st
         addrs = os.environ["MODELNET_BOOTSTRAP"].split(",")
     if not addrs:
         addrs = list(config.get("bootstrap", []))
-    from modelnet.p2p.host import split_full_address
+    return full_addrs(addrs)
+
+
+def full_addrs(addrs: Sequence[str]) -> list[str]:
+    """``addrs`` if each is a full address (``…/p2p/<id>``); a usage error otherwise."""
     from modelnet.p2p.errors import BadAddress
+    from modelnet.p2p.host import split_full_address
 
     for addr in addrs:
         try:
             split_full_address(addr)
         except BadAddress as exc:
             raise CliError(str(exc), EXIT_USAGE) from None
-    return addrs
+    return list(addrs)
 
 
 def swarm_key(args: argparse.Namespace):
@@ -155,22 +160,10 @@ def cmd_node(args: argparse.Namespace) -> int:
     backends = load_backends(specs)
     from .org import installed_memberships, owned_revocations
 
-    upstream = _full_addrs(args.upstream or [])
+    upstream = full_addrs(args.upstream or [])
     trust = dict(memberships=installed_memberships(home, now=time.time()), revocations=owned_revocations(home, now=time.time()))
     trio.run(_run_node, key, listen, backends, bootstrap, args, specs, trust, upstream)
     return EXIT_OK
-
-
-def _full_addrs(addrs: Sequence[str]) -> list[str]:
-    from modelnet.p2p.errors import BadAddress
-    from modelnet.p2p.host import split_full_address
-
-    for addr in addrs:
-        try:
-            split_full_address(addr)
-        except BadAddress as exc:
-            raise CliError(str(exc), EXIT_USAGE) from None
-    return list(addrs)
 
 
 async def _run_node(key, listen, backends, bootstrap, args, specs, trust, upstream=()) -> None:
@@ -196,7 +189,7 @@ async def _run_node(key, listen, backends, bootstrap, args, specs, trust, upstre
         config = Config(
             forwarding=args.forward or bool(upstream),
             upstream=tuple(upstream),
-            relays=tuple(_full_addrs(args.relay or [])),
+            relays=tuple(full_addrs(args.relay or [])),
             relay_service=args.relay_service,
         )
         node = Node(host, key, backends, config, memberships=trust["memberships"], policies=policies, revocations=trust["revocations"])
@@ -273,7 +266,7 @@ def _run_client(args: argparse.Namespace, action) -> int:
     except ProtocolError as exc:
         raise CliError(f"bad capability {args.capability!r}: {exc}", EXIT_USAGE) from None
     config = load_config(home_dir(args))
-    via = _full_addrs(getattr(args, "via", None) or [])
+    via = full_addrs(getattr(args, "via", None) or [])
     if via:  # a light client with no DHT: the forwarder routes for us
         return trio.run(_via_session, args, via, action)
     bootstrap = bootstrap_addrs(args, config)
