@@ -27,13 +27,13 @@ import dataclasses
 import enum
 import logging
 from collections import OrderedDict
-from typing import Callable, Generic, Hashable, Iterable, Iterator, TypeVar
+from typing import Callable, Generic, Hashable, Iterable, TypeVar
 
 from modelnet.identity import IdentityError, PeerID
 
 from . import multiaddr
 from .errors import LocalProtocolError, RemoteProtocolError
-from .framing import decode_uvarint, encode_uvarint
+from .protobuf import LEN, VARINT, capped, encode_fields, fields, int32
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +50,6 @@ MAX_PEER_ADDRS_SIZE = 4096  # bytes of all of one peer's addrs together
 # MAX_MESSAGE_SIZE, with room for a key and a value record of the store's 64 KiB.
 _MAX_PEER_ENTRY = 2 + MAX_PEER_ID_SIZE + MAX_ADDRS * 3 + MAX_PEER_ADDRS_SIZE + 11
 
-_VARINT, _FIXED64, _LEN, _START_GROUP, _END_GROUP, _FIXED32 = range(6)
-_MAX_FIELD_NUMBER = (1 << 29) - 1
-_MAX_GROUP_DEPTH = 32  # unknown groups nest; bound the recursion that skips them
-_U64 = (1 << 64) - 1
 
 
 class MessageType(enum.IntEnum):
@@ -145,29 +141,6 @@ class KadMessage:
 # ---- writing ----------------------------------------------------------------------------
 
 
-def _serialize(fields: Iterable[tuple[int, int | bytes | list[bytes]]]) -> bytes:
-    """Protobuf bytes of ``(field number, value)`` pairs, given in field-number order.
-
-    An int (int32, enum) or bytes is a singular proto3 field: left out when zero or empty.
-    A list is a repeated field or a present sub-message: every item is written.
-    """
-    out = bytearray()
-    for number, value in fields:
-        if isinstance(value, int):
-            if value:  # a negative int32 goes out as its 64-bit two's complement, as protobuf does
-                out += encode_uvarint(number << 3 | _VARINT) + encode_uvarint(value & _U64)
-            continue
-        if isinstance(value, (bytes, bytearray)):
-            if not value:
-                continue
-            value = [value]
-        elif not isinstance(value, list) or not all(isinstance(v, (bytes, bytearray)) for v in value):
-            raise LocalProtocolError(f"field {number}: expected bytes, got {value!r:.80}")
-        for item in value:
-            out += encode_uvarint(number << 3 | _LEN) + encode_uvarint(len(item)) + item
-    return bytes(out)
-
-
 def _check_size(what: str, size: int, cap: int) -> None:
     if size > cap:
         raise LocalProtocolError(f"{what}: {size} is over the limit of {cap}")
@@ -222,7 +195,7 @@ def _check_peer(peer: KadPeer) -> None:
 
 def _serialize_peer(peer: KadPeer) -> bytes:
     _check_peer(peer)
-    return _serialize([(1, peer.id), (2, list(peer.addrs)), (3, ConnectionType(peer.connection))])
+    return encode_fields([(1, peer.id), (2, list(peer.addrs)), (3, ConnectionType(peer.connection))], proto3=True)
 
 
 _encode_peer = _Memo(_serialize_peer, lambda _, data: 2 * len(data) + _ENTRY_OVERHEAD, _MEMO_BYTES)
@@ -239,7 +212,7 @@ def _encode_record(record: KadRecord) -> bytes:
         time_received = record.time_received.encode("utf-8")
     except (AttributeError, UnicodeEncodeError) as exc:
         raise LocalProtocolError(f"time_received is not text: {exc}") from None
-    return _serialize([(1, record.key), (2, record.value), (5, time_received)])
+    return encode_fields([(1, record.key), (2, record.value), (5, time_received)], proto3=True)
 
 
 def encode_message(msg: KadMessage) -> bytes:
@@ -248,7 +221,7 @@ def encode_message(msg: KadMessage) -> bytes:
     if not -(1 << 31) <= msg.cluster_level < 1 << 31:
         raise LocalProtocolError(f"cluster_level {msg.cluster_level} is not an int32")
     try:
-        data = _serialize(
+        data = encode_fields(
             [
                 (1, MessageType(msg.type)),
                 (2, msg.key),
@@ -256,7 +229,8 @@ def encode_message(msg: KadMessage) -> bytes:
                 (8, _encode_peers("closer peers", msg.closer_peers)),
                 (9, _encode_peers("provider peers", msg.provider_peers)),
                 (10, msg.cluster_level),
-            ]
+            ],
+            proto3=True,
         )
     except ValueError as exc:  # an int that is no MessageType / ConnectionType
         raise LocalProtocolError(str(exc)) from None
@@ -267,87 +241,22 @@ def encode_message(msg: KadMessage) -> bytes:
 # ---- reading ----------------------------------------------------------------------------
 
 
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    header = decode_uvarint(data, pos)  # raises RemoteProtocolError past 10 bytes
-    if header is None:
-        raise RemoteProtocolError("truncated varint")
-    value, pos = header
-    return value & _U64, pos
-
-
-def _skip_group(data: bytes, pos: int, number: int, depth: int) -> int:
-    if depth > _MAX_GROUP_DEPTH:
-        raise RemoteProtocolError("groups nested too deep")
-    while True:
-        tag, pos = _read_varint(data, pos)
-        if tag & 7 == _END_GROUP:
-            if tag >> 3 != number:
-                raise RemoteProtocolError("end of group does not match its start")
-            return pos
-        _, pos = _read_field(data, pos, tag, depth + 1)
-
-
-def _read_field(data: bytes, pos: int, tag: int, depth: int = 0) -> tuple[int | bytes | None, int]:
-    """The value of the field with ``tag`` at ``pos`` (None for a group), and the next offset."""
-    number, wire = tag >> 3, tag & 7
-    if not 1 <= number <= _MAX_FIELD_NUMBER:
-        raise RemoteProtocolError(f"field number {number} out of range")
-    if wire == _VARINT:
-        return _read_varint(data, pos)
-    if wire in (_FIXED64, _FIXED32, _LEN):
-        if wire == _LEN:
-            size, pos = _read_varint(data, pos)
-        else:
-            size = 8 if wire == _FIXED64 else 4
-        if len(data) - pos < size:
-            raise RemoteProtocolError(f"field {number} truncated")
-        value = data[pos : pos + size]
-        return (value if wire == _LEN else int.from_bytes(value, "little")), pos + size
-    if wire == _START_GROUP:
-        return None, _skip_group(data, pos, number, depth)
-    raise RemoteProtocolError(f"field {number}: unexpected wire type {wire}")
-
-
-def _fields(data: bytes, known: dict[int, int]) -> Iterator[tuple[int, int | bytes]]:
-    """``(number, value)`` of each field in ``known`` (number -> wire type); others skipped."""
-    pos = 0
-    while pos < len(data):
-        tag, pos = _read_varint(data, pos)
-        value, pos = _read_field(data, pos, tag)
-        number = tag >> 3
-        if number in known:
-            if tag & 7 != known[number]:
-                raise RemoteProtocolError(f"field {number} has wire type {tag & 7}, not {known[number]}")
-            yield number, value
-
-
-def _int32(value: int) -> int:
-    value &= 0xFFFFFFFF  # protobuf reads an int32 varint as its low 32 bits
-    return value - (1 << 32) if value >> 31 else value
-
-
-def _capped(what: str, value: bytes, cap: int) -> bytes:
-    if len(value) > cap:
-        raise RemoteProtocolError(f"{what} of {len(value)} bytes is over the limit of {cap}")
-    return value
-
-
 def _parse_peer(data: bytes) -> KadPeer:
     peer_id, addrs, connection = b"", [], ConnectionType.NOT_CONNECTED
     addrs_size = 0
-    for number, value in _fields(data, {1: _LEN, 2: _LEN, 3: _VARINT}):
+    for number, value in fields(data, {1: LEN, 2: LEN, 3: VARINT}):
         if number == 1:
-            peer_id = _capped("peer id", value, MAX_PEER_ID_SIZE)
+            peer_id = capped("peer id", value, MAX_PEER_ID_SIZE)
         elif number == 2:
             if len(addrs) == MAX_ADDRS:
                 raise RemoteProtocolError(f"a peer with more than {MAX_ADDRS} addresses")
-            addrs_size += len(_capped("peer address", value, MAX_ADDR_SIZE))
+            addrs_size += len(capped("peer address", value, MAX_ADDR_SIZE))
             if addrs_size > MAX_PEER_ADDRS_SIZE:
                 raise RemoteProtocolError(f"a peer with more than {MAX_PEER_ADDRS_SIZE} bytes of addresses")
             addrs.append(value)
         else:
             # only a hint: a value from a newer spec is read as "don't know", not an error
-            value = _int32(value)
+            value = int32(value)
             known = value in _CONNECTION_VALUES
             connection = ConnectionType(value) if known else ConnectionType.NOT_CONNECTED
     return KadPeer(peer_id, tuple(addrs), connection)
@@ -364,9 +273,9 @@ def _decode_peer(data: bytes) -> KadPeer:
 def _decode_record(parts: list[bytes]) -> KadRecord:
     key, value, time_received = b"", b"", ""
     for part in parts:  # a sub-message sent twice is merged, later fields winning, as protobuf does
-        for number, field in _fields(part, {1: _LEN, 2: _LEN, 5: _LEN}):
+        for number, field in fields(part, {1: LEN, 2: LEN, 5: LEN}):
             if number == 1:
-                key = _capped("record key", field, MAX_KEY_SIZE)
+                key = capped("record key", field, MAX_KEY_SIZE)
             elif number == 2:
                 value = field
             else:
@@ -380,22 +289,22 @@ def _decode_record(parts: list[bytes]) -> KadRecord:
 def decode_message(data: bytes) -> KadMessage:
     """A :class:`KadMessage` from protobuf bytes; :class:`RemoteProtocolError` if malformed."""
     data = bytes(data)
-    _capped("message", data, MAX_MESSAGE_SIZE)
+    capped("message", data, MAX_MESSAGE_SIZE)
     msg_type, key, cluster_level = MessageType.PUT_VALUE, b"", 0
     record_parts: list[bytes] = []  # non-empty iff a record was sent, even an empty one
     peers: dict[int, list[KadPeer]] = {8: [], 9: []}
-    for number, value in _fields(data, {1: _VARINT, 2: _LEN, 3: _LEN, 8: _LEN, 9: _LEN, 10: _VARINT}):
+    for number, value in fields(data, {1: VARINT, 2: LEN, 3: LEN, 8: LEN, 9: LEN, 10: VARINT}):
         if number == 1:
             try:
-                msg_type = MessageType(_int32(value))
+                msg_type = MessageType(int32(value))
             except ValueError:
-                raise RemoteProtocolError(f"unknown message type {_int32(value)}") from None
+                raise RemoteProtocolError(f"unknown message type {int32(value)}") from None
         elif number == 2:
-            key = _capped("key", value, MAX_KEY_SIZE)
+            key = capped("key", value, MAX_KEY_SIZE)
         elif number == 3:
             record_parts.append(value)
         elif number == 10:
-            cluster_level = _int32(value)
+            cluster_level = int32(value)
         else:
             if len(peers[number]) == MAX_PEERS:
                 raise RemoteProtocolError(f"more than {MAX_PEERS} peers in one list")

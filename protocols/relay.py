@@ -31,14 +31,12 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Iterable
 
 from modelnet.identity import IdentityError, PeerID
 
 from . import multiaddr
 from .errors import LocalProtocolError, RemoteProtocolError
-from .framing import encode_uvarint
-from .kad import _LEN, _VARINT, _U64, _capped, _fields, _int32
+from .protobuf import LEN, U64, VARINT, capped, encode_fields, fields, int32
 
 HOP_PROTOCOL = "/libp2p/circuit/relay/0.2.0/hop"
 STOP_PROTOCOL = "/libp2p/circuit/relay/0.2.0/stop"
@@ -108,21 +106,6 @@ class StopMessage:
 # ---- writing ----------------------------------------------------------------------------
 
 
-def _emit(fields: Iterable[tuple[int, int | bytes | list[bytes] | None]]) -> bytes:
-    """Protobuf bytes of present fields, in number order: None is absent, an int a varint
-    (written even when 0), bytes one length-delimited field, a list a repeated one."""
-    out = bytearray()
-    for number, value in fields:
-        if value is None:
-            continue
-        if isinstance(value, int):
-            out += encode_uvarint(number << 3 | _VARINT) + encode_uvarint(value & _U64)
-            continue
-        for item in [value] if isinstance(value, bytes) else value:
-            out += encode_uvarint(number << 3 | _LEN) + encode_uvarint(len(item)) + item
-    return bytes(out)
-
-
 def _addrs_to_bytes(addrs: tuple[str, ...]) -> list[bytes]:
     if len(addrs) > MAX_ADDRS:
         raise LocalProtocolError(f"{len(addrs)} addresses: at most {MAX_ADDRS}")
@@ -130,15 +113,15 @@ def _addrs_to_bytes(addrs: tuple[str, ...]) -> list[bytes]:
 
 
 def _peer_bytes(peer: Peer | None) -> bytes | None:
-    return None if peer is None else _emit([(1, peer.peer_id.bytes), (2, _addrs_to_bytes(peer.addrs))])
+    return None if peer is None else encode_fields([(1, peer.peer_id.bytes), (2, _addrs_to_bytes(peer.addrs))], proto3=False)
 
 
 def _limit_bytes(limit: Limit | None) -> bytes | None:
     if limit is None:
         return None
-    if not 0 <= limit.duration <= _U32 or not 0 <= limit.data <= _U64:
+    if not 0 <= limit.duration <= _U32 or not 0 <= limit.data <= U64:
         raise LocalProtocolError(f"limit out of range: {limit}")
-    return _emit([(1, limit.duration or None), (2, limit.data or None)])
+    return encode_fields([(1, limit.duration or None), (2, limit.data or None)], proto3=False)
 
 
 def _finish(data: bytes) -> bytes:
@@ -151,29 +134,31 @@ def encode_hop(msg: HopMessage) -> bytes:
     reservation = None
     if msg.reservation is not None:
         r = msg.reservation
-        reservation = _emit([(1, r.expire), (2, _addrs_to_bytes(r.addrs)), (3, r.voucher or None)])
+        reservation = encode_fields([(1, r.expire), (2, _addrs_to_bytes(r.addrs)), (3, r.voucher or None)], proto3=False)
     return _finish(
-        _emit(
+        encode_fields(
             [
                 (1, int(msg.type)),
                 (2, _peer_bytes(msg.peer)),
                 (3, reservation),
                 (4, _limit_bytes(msg.limit)),
                 (5, None if msg.status is None else int(msg.status)),
-            ]
+            ],
+            proto3=False,
         )
     )
 
 
 def encode_stop(msg: StopMessage) -> bytes:
     return _finish(
-        _emit(
+        encode_fields(
             [
                 (1, int(msg.type)),
                 (2, _peer_bytes(msg.peer)),
                 (3, _limit_bytes(msg.limit)),
                 (4, None if msg.status is None else int(msg.status)),
-            ]
+            ],
+            proto3=False,
         )
     )
 
@@ -194,9 +179,9 @@ def _addrs_from_bytes(values: list[bytes]) -> tuple[str, ...]:
 
 def _decode_peer(data: bytes) -> Peer:
     peer_id, addrs = b"", []
-    for number, value in _fields(data, {1: _LEN, 2: _LEN}):
+    for number, value in fields(data, {1: LEN, 2: LEN}):
         if number == 1:
-            peer_id = _capped("peer id", value, multiaddr.MAX_MULTIHASH_SIZE)
+            peer_id = capped("peer id", value, multiaddr.MAX_MULTIHASH_SIZE)
         else:
             if len(addrs) == MAX_ADDRS:
                 raise RemoteProtocolError(f"a peer with more than {MAX_ADDRS} addresses")
@@ -209,7 +194,7 @@ def _decode_peer(data: bytes) -> Peer:
 
 def _decode_reservation(data: bytes) -> Reservation:
     expire, addrs, voucher = 0, [], b""
-    for number, value in _fields(data, {1: _VARINT, 2: _LEN, 3: _LEN}):
+    for number, value in fields(data, {1: VARINT, 2: LEN, 3: LEN}):
         if number == 1:
             expire = value
         elif number == 2:
@@ -223,7 +208,7 @@ def _decode_reservation(data: bytes) -> Reservation:
 
 def _decode_limit(data: bytes) -> Limit:
     duration = data_limit = 0
-    for number, value in _fields(data, {1: _VARINT, 2: _VARINT}):
+    for number, value in fields(data, {1: VARINT, 2: VARINT}):
         if number == 1:
             duration = value & _U32
         else:
@@ -233,18 +218,18 @@ def _decode_limit(data: bytes) -> Limit:
 
 def _enum(kind: type[enum.IntEnum], value: int, what: str):
     try:
-        return kind(_int32(value))
+        return kind(int32(value))
     except ValueError:
-        raise RemoteProtocolError(f"unknown {what} {_int32(value)}") from None
+        raise RemoteProtocolError(f"unknown {what} {int32(value)}") from None
 
 
 def _decode(data: bytes, numbers: dict[str, int]) -> dict[str, object]:
     """The fields of a Hop or Stop message by name; ``numbers`` maps names to field numbers."""
-    data = _capped("relay message", bytes(data), MAX_MESSAGE_SIZE)
-    wire = {n: (_VARINT if name in ("type", "status") else _LEN) for name, n in numbers.items()}
+    data = capped("relay message", bytes(data), MAX_MESSAGE_SIZE)
+    wire = {n: (VARINT if name in ("type", "status") else LEN) for name, n in numbers.items()}
     names = {n: name for name, n in numbers.items()}
     out: dict[str, object] = {}
-    for number, value in _fields(data, wire):
+    for number, value in fields(data, wire):
         out[names[number]] = value
     if "type" not in out:
         raise RemoteProtocolError("relay message without a type")
