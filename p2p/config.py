@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .kad.dht import Config as DHTConfig
+from .kad.config import Config as DHTConfig
 from .relay import ServiceConfig as RelayServiceConfig
 
 
@@ -27,8 +27,8 @@ class Config:
     # limited per peer as requests are: at once, and per minute.
     max_sessions_per_peer: int = 4
     sessions_per_minute_per_peer: int = 120
-    # Organisations (issue 3): how often a provider with org policies looks up each org's
-    # revocation list; None means republish_interval, so a revocation is honoured within one.
+    # Organisations: how often a provider with org policies looks up each org's revocation
+    # list; None means republish_interval, so a revocation is honoured within one.
     revocation_refresh: float | None = None
     client_mode: bool = False  # a light client: no DHT serving, nothing published
     # Routing (what we ask). Hedging: if a provider sends no first chunk within its

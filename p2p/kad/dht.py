@@ -1,13 +1,11 @@
 """The Kademlia driver: the pure table, lookup and stores, over a Host.
 
-Requests to a peer go one after another on one outbound stream kept per peer, as go-libp2p
-does: a new stream costs yamux frames and a protocol negotiation (~2.2 ms of CPU on
-py-libp2p against ~0.6 ms for a round trip on an open one). A stream is pooled only while
+Our requests go on pooled outbound streams (:mod:`.pool`): a stream is pooled only while
 ``serve`` runs, is dropped (reset) on any error, closed after ``stream_idle_timeout``
 unused, and at most ``max_pooled_streams`` are kept (least recently used go first). A
 request that fails on a stream reused from before (the remote reset or closed it while it
-sat idle) is sent once more on a fresh stream; a timeout is never retried. The handler
-serves any number of requests on one stream, in order.
+sat idle) is sent once more on a fresh stream; a timeout is never retried. Others'
+requests are answered by :mod:`.answerer`, any number on one stream, in order.
 
 Time: trio time for everything that waits (timeouts, refresh, republish, routing-table
 ages); the injected wall clock only for record and provider expiry, which must mean the
@@ -16,44 +14,33 @@ same on every peer.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import logging
 import math
 import random
 import time
-from collections import OrderedDict, defaultdict, deque
-from typing import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Awaitable, Callable, Iterable, Mapping, Sequence
 
 import trio
 
 from modelnet.errors import ModelNetError
 from modelnet.identity import PeerID
 from modelnet.protocols.errors import RemoteProtocolError
-from modelnet.protocols.kad import (
-    MAX_MESSAGE_SIZE,
-    MAX_PEERS,
-    PROTOCOL_ID,
-    KadMessage,
-    KadPeer,
-    KadRecord,
-    MessageType,
-    decode_message,
-    encode_message,
-)
+from modelnet.protocols.kad import MAX_MESSAGE_SIZE, KadMessage, KadPeer, KadRecord, MessageType, encode_message
 
-from ..errors import StreamClosed
-from ..host import Host, PeerInfo, Stream
+from ..host import Host, PeerInfo
 from ..streams import FramedStream
+from .answerer import Answerer
+from .config import Config
 from .errors import BootstrapFailed, RecordRejected, RequestFailed
 from .lookup import Lookup
+from .peer_entries import few_addrs, peers_from
+from .pool import StreamPool, close_all, exchange, pooled_exchange
+from .stats import Stats
 from .store import ProviderStore, RecordStore, Validator, find_validator
-from .table import ALPHA, K, Contact, RoutingTable
+from .table import Contact, RoutingTable
 
 logger = logging.getLogger(__name__)
 
-MAX_INBOUND_STREAMS_PER_PEER = 16
-"""Concurrent inbound kad streams one peer may hold; beyond that new ones are reset."""
 PING_QUIET_PERIOD = 60.0
 """A full bucket's oldest contact seen this recently (seconds) is alive enough: no ping."""
 PING_QUEUE = 64
@@ -68,240 +55,11 @@ CANDIDATE_BACKOFF = 120.0
 third party named) is left out of lookups; crafted unreachable candidates then cost each
 lookup only once. Hearing from the peer directly ends it."""
 MAX_EVICTED = 10_000
-MAX_THIRD_PARTY_ADDRS = 8
-"""Addresses of a peer taken from someone else's answer (used only to dial it)."""
-MAX_ADDR_LENGTH = 1024
-"""Characters of one multiaddr taken from someone else's answer; real ones are < 100."""
-STATS_HISTORY = 1000
-"""Lookups whose hop counts are kept in :attr:`Stats.hops`."""
-
-
-BOOTSTRAP_RETRY_DELAYS = (1.0, 2.0)  # seconds between tries of one bootstrap peer
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    k: int = K
-    alpha: int = ALPHA
-    protocol: str = PROTOCOL_ID
-    request_timeout: float = 5.0
-    """Bound on every network call (dial, stream, send, answer), seconds."""
-    record_ttl: float = 36 * 3600
-    """How long a stored value lives without a republish (go-libp2p's MaxRecordAge)."""
-    provider_ttl: float = 24 * 3600
-    """How long a provider record lives without a republish."""
-    republish_interval: float = 12 * 3600
-    """Half the shorter ttl: one missed republish loses nothing."""
-    refresh_interval: float = 600
-    """A bucket not looked up for this long is refreshed with a random lookup."""
-    expire_interval: float = 600
-    """How often expired records are swept (reads check expiry anyway: this frees memory)."""
-    quorum: int = 3
-    """get_value stops once this many answers (our own store counts) agree on the best value."""
-    client_mode: bool = False
-    """Look things up, serve nothing: no handler, so no one adds us to their table."""
-    lookup_timeout: float = 30.0
-    """Bound on one iterative lookup, seconds: past it the lookup ends with the answers it
-    has (a partial result, counted in ``Stats.lookup_timeouts``) instead of following
-    peers that name ever more unreachable candidates. Everything built on lookups
-    (put_value, get_value, provide, find_providers, find_peer, bootstrap) inherits it."""
-    stream_idle_timeout: float = 60.0
-    """A pooled outbound stream unused this long is closed. The handler resets an inbound
-    stream with no request for twice this, so our own peers rarely close one just as we
-    reuse it."""
-    max_pooled_streams: int = 256
-    """Outbound streams kept open for reuse, one per peer, least recently used dropped first."""
-    provider_prefixes: tuple[bytes, ...] = (b"/modelnet/cap/", b"/modelnet/pcap/")
-    """ADD_PROVIDER is accepted (and provide() allowed) only for keys under these prefixes
-    (public capability tags, and organisations' private ones), so no one can fill the
-    provider store with keys no one looks up."""
-
-    def __post_init__(self) -> None:
-        if self.k < 1 or self.alpha < 1 or self.quorum < 1:
-            raise ValueError("k, alpha and quorum must be at least 1")
-        if min(self.request_timeout, self.lookup_timeout, self.stream_idle_timeout) <= 0:
-            raise ValueError("request_timeout, lookup_timeout and stream_idle_timeout must be positive")
-        if self.max_pooled_streams < 0:
-            raise ValueError("max_pooled_streams must not be negative")
-        if not 0 < self.republish_interval < min(self.record_ttl, self.provider_ttl):
-            raise ValueError("republish_interval must be positive and shorter than both ttls")
-
-
-@dataclasses.dataclass
-class Stats:
-    """Counters since start; ``hops`` of the last STATS_HISTORY lookups."""
-
-    lookups: int = 0
-    lookup_timeouts: int = 0
-    """Lookups cut short by ``Config.lookup_timeout``."""
-    queries: int = 0
-    failures: int = 0
-    streams_opened: int = 0
-    """Outbound kad streams opened; ``queries - streams_opened`` went on reused ones."""
-    stale_retries: int = 0
-    """Requests sent again on a fresh stream after a reused one turned out closed."""
-    pings: int = 0
-    """Pings sent to the oldest contact of a full bucket."""
-    refreshes: int = 0
-    """Completed table refreshes (the one at bootstrap and the periodic ones)."""
-    hops: deque[int] = dataclasses.field(default_factory=lambda: deque(maxlen=STATS_HISTORY))
+BOOTSTRAP_RETRY_DELAYS = (1.0, 2.0)
+"""Seconds between tries of one bootstrap peer."""
 
 
 _OnReply = Callable[[Lookup, PeerID, KadMessage], None]
-
-
-class _Slot:
-    """One peer's place in the pool: the lock that queues our requests to it, and its
-    idle stream (None while a request uses it, or when there is none)."""
-
-    __slots__ = ("lock", "framed", "last_used", "users")
-
-    def __init__(self) -> None:
-        self.lock = trio.Lock()
-        self.framed: FramedStream | None = None
-        self.last_used = 0.0
-        self.users = 0  # tasks holding or waiting for the lock
-
-
-class _StreamPool:
-    """Idle outbound streams, at most one per peer and ``max_streams`` in all.
-
-    Pure bookkeeping: the methods that drop streams return them, and the caller closes
-    them (closing is I/O). A stream is in the pool only while idle, so an evicted one is
-    never in use.
-    """
-
-    def __init__(self, max_streams: int, idle_timeout: float) -> None:
-        self.max_streams = max_streams
-        self.idle_timeout = idle_timeout
-        self._slots: dict[PeerID, _Slot] = {}
-        self._idle: OrderedDict[PeerID, None] = OrderedDict()  # least recently used first
-
-    @contextlib.asynccontextmanager
-    async def slot(self, peer: PeerID) -> AsyncIterator[_Slot]:
-        """``peer``'s slot, locked: requests to one peer go one after another."""
-        slot = self._slots.get(peer)
-        if slot is None:
-            slot = self._slots[peer] = _Slot()
-        slot.users += 1
-        try:
-            async with slot.lock:
-                yield slot
-        finally:
-            slot.users -= 1
-            if not slot.users and slot.framed is None:
-                self._slots.pop(peer, None)
-
-    def take(self, peer: PeerID, slot: _Slot, now: float) -> tuple[FramedStream | None, FramedStream | None]:
-        """``(stream to use, stream too long idle to use)``; either may be None."""
-        framed, slot.framed = slot.framed, None
-        self._idle.pop(peer, None)
-        if framed is not None and slot.last_used <= now - self.idle_timeout:
-            return None, framed
-        return framed, None
-
-    def put(self, peer: PeerID, slot: _Slot, framed: FramedStream, now: float) -> list[FramedStream]:
-        """Keep ``framed`` for the next request; returns the streams to close."""
-        if self._slots.get(peer) is not slot:  # evicted meanwhile (at the cap): start over
-            self._slots[peer] = slot
-        slot.framed, slot.last_used = framed, now
-        self._idle[peer] = None
-        self._idle.move_to_end(peer)
-        dropped = []
-        while len(self._idle) > self.max_streams:
-            dropped.append(self._drop(next(iter(self._idle))))
-        return dropped
-
-    def expired(self, now: float) -> list[FramedStream]:
-        """Remove and return the streams idle for ``idle_timeout``."""
-        dropped = []
-        for peer in list(self._idle):
-            if self._slots[peer].last_used > now - self.idle_timeout:
-                break  # least recently used first: the rest are younger
-            dropped.append(self._drop(peer))
-        return dropped
-
-    def drain(self) -> list[FramedStream]:
-        return [self._drop(peer) for peer in list(self._idle)]
-
-    def _drop(self, peer: PeerID) -> FramedStream:
-        del self._idle[peer]
-        slot = self._slots[peer]
-        framed, slot.framed = slot.framed, None
-        if not slot.users:
-            del self._slots[peer]
-        assert framed is not None  # a peer is in _idle only while its slot holds a stream
-        return framed
-
-    def __len__(self) -> int:
-        return len(self._idle)
-
-
-async def _close_all(streams: Iterable[FramedStream], timeout: float) -> None:
-    """Close streams dropped from the pool (politely: the remote's handler reads EOF)."""
-    # shielded: also how serve() cleans up when cancelled
-    with trio.CancelScope(shield=True), trio.move_on_after(timeout):
-        for framed in streams:
-            try:
-                await framed.close()
-            except ModelNetError as exc:
-                logger.debug("closing a pooled kad stream to %s: %r", framed.remote_peer, exc)
-
-
-def _varint_size(value: int) -> int:
-    return max(1, (value.bit_length() + 6) // 7)
-
-
-def _field_size(length: int) -> int:
-    """Bytes of a length-delimited protobuf field (number < 16) holding ``length`` bytes."""
-    return 1 + _varint_size(length) + length
-
-
-def _peer_size(peer: KadPeer) -> int:
-    """Bytes ``peer`` adds to a message as one closerPeers / providerPeers entry."""
-    inner = _field_size(len(peer.id)) + sum(_field_size(len(a)) for a in peer.addrs)
-    inner += 1 + _varint_size(peer.connection) if peer.connection else 0
-    return _field_size(inner)
-
-
-def _fit(answer: KadMessage, budget: int = MAX_MESSAGE_SIZE) -> KadMessage:
-    """``answer`` trimmed to encode within ``budget``: first the addresses of the biggest
-    peer entries go, then peers from the ends of the lists (closer peers first). Honest
-    answers are a few KiB and come back unchanged."""
-    lists = [list(answer.closer_peers), list(answer.provider_peers)]
-    sizes = [[_peer_size(p) for p in peers] for peers in lists]
-    record = answer.record
-    # an upper bound of everything but the peers (tags, lengths, the type, cluster level)
-    fixed = 32 + len(answer.key) + (0 if record is None else len(record.key) + len(record.value) + len(record.time_received) + 32)
-    if fixed + sum(map(sum, sizes)) <= budget:
-        return answer
-    fixed = len(encode_message(dataclasses.replace(answer, closer_peers=(), provider_peers=())))
-    total = fixed + sum(map(sum, sizes))
-    if total <= budget:
-        return answer
-    entries = sorted(((size, i, j) for i, row in enumerate(sizes) for j, size in enumerate(row)), reverse=True)
-    for size, i, j in entries:
-        if total <= budget:
-            break
-        peer = lists[i][j]
-        if peer.addrs:
-            lists[i][j] = dataclasses.replace(peer, addrs=())
-            total += _peer_size(lists[i][j]) - size
-            sizes[i][j] = _peer_size(lists[i][j])
-    for i in (0, 1):
-        while total > budget and lists[i]:
-            lists[i].pop()
-            total -= sizes[i].pop()
-    logger.info("trimmed a %s answer for %r to fit %d bytes", answer.type.name, answer.key[:40], budget)
-    return dataclasses.replace(answer, closer_peers=tuple(lists[0]), provider_peers=tuple(lists[1]))
-
-
-def _few_addrs(addrs: Iterable[str]) -> tuple[str, ...]:
-    """The few short addresses of a peer we keep from an answer or an identify."""
-    return tuple(a for a in addrs if len(a) <= MAX_ADDR_LENGTH)[:MAX_THIRD_PARTY_ADDRS]
-
-
-def _rfc3339(seconds: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
 class KademliaDHT:
@@ -332,14 +90,17 @@ class KademliaDHT:
         self._published: dict[bytes, bytes] = {}
         self._providing: set[bytes] = set()
         self._kad_peers: set[PeerID] = set()  # peers whose protocols list ours
-        self._inbound: defaultdict[PeerID, int] = defaultdict(int)
         self._ping_send: trio.MemorySendChannel[PeerID] | None = None
         self._pinging: set[PeerID] = set()
         self._evicted: dict[PeerID, float] = {}  # peer -> trio time its backoff ends
-        self._pool: _StreamPool | None = None  # only while serve() runs
+        self._pool: StreamPool | None = None  # only while serve() runs
         # What connected kad peers said about themselves (identify): the only addresses the
         # routing table takes. As bounded as the host's connections.
         self._own_addrs: dict[PeerID, tuple[str, ...]] = {}
+        self._answerer = Answerer(
+            config, self.routing_table, self.records, self.providers,
+            own_addrs=self._own_addrs, heard_from=self._heard_from, wall_clock=wall_clock,
+        )
         host.add_peer_listener(self._on_peer, self._on_disconnect)
 
     @property
@@ -357,8 +118,8 @@ class KademliaDHT:
         """Answer requests, keep the table fresh, republish; runs until cancelled."""
         send, receive = trio.open_memory_channel[PeerID](PING_QUEUE)
         if not self.config.client_mode:
-            self.host.set_stream_handler(self.config.protocol, self._handle_stream)
-        pool = self._pool = _StreamPool(self.config.max_pooled_streams, self.config.stream_idle_timeout)
+            self.host.set_stream_handler(self.config.protocol, self._answerer.handle_stream)
+        pool = self._pool = StreamPool(self.config.max_pooled_streams, self.config.stream_idle_timeout)
         try:
             async with send, receive:
                 async with trio.open_nursery() as nursery:
@@ -372,13 +133,13 @@ class KademliaDHT:
         finally:
             self._ping_send = None
             self._pool = None
-            await _close_all(pool.drain(), self.config.request_timeout)
+            await close_all(pool.drain(), self.config.request_timeout)
             if not self.config.client_mode:
                 self.host.remove_stream_handler(self.config.protocol)
 
     async def _close_idle_streams(self) -> None:
         if self._pool is not None:
-            await _close_all(self._pool.expired(trio.current_time()), self.config.request_timeout)
+            await close_all(self._pool.expired(trio.current_time()), self.config.request_timeout)
 
     async def _every(self, interval: float, work: Callable[[], Awaitable[None]]) -> None:
         while True:
@@ -445,8 +206,8 @@ class KademliaDHT:
             if responder == peer:
                 found = self.host.peer_addrs(peer)
             else:
-                named = (addrs for pid, addrs in self._peers(reply.closer_peers) if pid == peer and addrs)
-                found = next((list(_few_addrs(addrs)) for addrs in named), None)
+                named = (addrs for pid, addrs in peers_from(reply.closer_peers, self.peer_id) if pid == peer and addrs)
+                found = next((list(few_addrs(addrs)) for addrs in named), None)
             if found:
                 lookup.stop()
 
@@ -531,7 +292,7 @@ class KademliaDHT:
         Raises RecordRejected for a key under none of ``Config.provider_prefixes`` (every
         node refuses those).
         """
-        if not self._provider_key(key):
+        if not self.config.is_provider_key(key):
             raise RecordRejected(f"provider key {key[:40]!r} is under none of {self.config.provider_prefixes}")
         self._providing.add(key)
         return await self._announce(key)
@@ -548,8 +309,8 @@ class KademliaDHT:
         }
 
         def on_reply(lookup: Lookup, responder: PeerID, reply: KadMessage) -> None:
-            for peer, addrs in self._peers(reply.provider_peers):
-                addrs = list(_few_addrs(addrs))
+            for peer, addrs in peers_from(reply.provider_peers, self.peer_id):
+                addrs = list(few_addrs(addrs))
                 if addrs:
                     self.host.add_addrs(peer, addrs)
                 found.setdefault(peer, addrs)
@@ -619,9 +380,12 @@ class KademliaDHT:
                 data = encode_message(request)
                 if self._pool is None:
                     async with await self._open_stream(peer) as framed:
-                        answer = await self._exchange(framed, data, request, reply)
+                        answer = await exchange(framed, data, request, reply)
                 else:
-                    answer = await self._pooled_exchange(self._pool, peer, data, request, reply)
+                    answer = await pooled_exchange(
+                        self._pool, peer, data, request, reply,
+                        open_stream=self._open_stream, close_timeout=self.config.request_timeout, stats=self.stats,
+                    )
         except (ModelNetError, trio.TooSlowError) as exc:
             self.stats.failures += 1
             now = trio.current_time()
@@ -645,63 +409,12 @@ class KademliaDHT:
         self.stats.streams_opened += 1
         return FramedStream(stream, MAX_MESSAGE_SIZE)
 
-    async def _pooled_exchange(
-        self, pool: _StreamPool, peer: PeerID, data: bytes, request: KadMessage, reply: bool
-    ) -> KadMessage | None:
-        async with pool.slot(peer) as slot:
-            framed, expired = pool.take(peer, slot, trio.current_time())
-            if expired is not None:
-                await _close_all([expired], self.config.request_timeout)
-            answer: KadMessage | None = None
-            if framed is not None:
-                try:
-                    answer = await self._exchange(framed, data, request, reply)
-                except StreamClosed as exc:
-                    # closed or reset while it sat idle: stale, not the peer's fault
-                    logger.debug("stale kad stream to %s (%r): sending on a fresh one", peer, exc)
-                    self.stats.stale_retries += 1
-                    framed = None
-                except BaseException:  # timeouts and cancellation too: the stream is out of step
-                    await framed.reset()
-                    raise
-            if framed is None:
-                framed = await self._open_stream(peer)
-                try:
-                    answer = await self._exchange(framed, data, request, reply)
-                except BaseException:
-                    await framed.reset()
-                    raise
-            await _close_all(pool.put(peer, slot, framed, trio.current_time()), self.config.request_timeout)
-            return answer
-
-    @classmethod
-    async def _exchange(cls, framed: FramedStream, data: bytes, request: KadMessage, reply: bool) -> KadMessage | None:
-        try:
-            await framed.send(data)
-            return await cls._read_answer(framed, request) if reply else None
-        except StreamClosed:
-            await framed.reset()
-            raise
-
-    @staticmethod
-    async def _read_answer(framed: FramedStream, request: KadMessage) -> KadMessage:
-        data = await framed.receive()
-        if data is None:  # what a peer that refuses a request (or crashes) does: not garbage
-            raise StreamClosed("stream ended without an answer")
-        answer = decode_message(data)
-        if answer.type != request.type:
-            raise RemoteProtocolError(f"answered {answer.type.name} to {request.type.name}")
-        return answer
-
     def _back_off(self, peer: PeerID, now: float, seconds: float) -> None:
         if len(self._evicted) >= MAX_EVICTED:
             self._evicted = {p: until for p, until in self._evicted.items() if until > now}
             if len(self._evicted) >= MAX_EVICTED:
                 return
         self._evicted[peer] = max(self._evicted.get(peer, now), now + seconds)
-
-    def _provider_key(self, key: bytes) -> bool:
-        return any(key.startswith(prefix) for prefix in self.config.provider_prefixes)
 
     def _backed_off(self, peer: PeerID, now: float) -> bool:
         until = self._evicted.get(peer)
@@ -710,26 +423,13 @@ class KademliaDHT:
             return False
         return until is not None
 
-    def _peers(self, kad_peers: Iterable[KadPeer]) -> list[tuple[PeerID, list[str]]]:
-        """Peer ids and addresses from an answer, without us; a bad entry is dropped alone."""
-        peers = []
-        for kad_peer in kad_peers:
-            try:
-                peer, addrs = kad_peer.to_peer()
-            except RemoteProtocolError as exc:
-                logger.debug("dropping a peer entry: %s", exc)
-                continue
-            if peer != self.peer_id:
-                peers.append((peer, addrs))
-        return peers
-
     def _contacts(self, kad_peers: Iterable[KadPeer]) -> list[Contact]:
         """Contacts named in an answer (with a few of the addresses it gives, to dial them
         by), less the peers that failed us lately."""
         now = trio.current_time()
         return [
-            Contact(peer, _few_addrs(addrs), now)
-            for peer, addrs in self._peers(kad_peers)
+            Contact(peer, few_addrs(addrs), now)
+            for peer, addrs in peers_from(kad_peers, self.peer_id)
             if not self._backed_off(peer, now)
         ]
 
@@ -783,7 +483,7 @@ class KademliaDHT:
     def _on_peer(self, info: PeerInfo) -> None:
         if self.config.protocol in info.protocols:
             self._kad_peers.add(info.peer_id)
-            self._own_addrs[info.peer_id] = _few_addrs(info.addrs)  # bounded all the same
+            self._own_addrs[info.peer_id] = few_addrs(info.addrs)  # bounded all the same
             self._add_contact(info.peer_id, info.addrs)
         else:
             # A client (or a node that stopped serving): never route anyone to it.
@@ -796,6 +496,11 @@ class KademliaDHT:
         # (identify runs again on the next connection)
         self._own_addrs.pop(peer, None)
         self._kad_peers.discard(peer)
+
+    def _heard_from(self, peer: PeerID) -> None:
+        """A request from ``peer`` came in: alive, and in the table if it serves kad."""
+        if peer in self._kad_peers:
+            self._add_contact(peer, self._own_addrs.get(peer, ()))
 
     def _add_contact(self, peer: PeerID, addrs: Sequence[str]) -> None:
         """``peer`` is alive and speaks kad: (re)admit it."""
@@ -870,73 +575,3 @@ class KademliaDHT:
         now = self._wall_clock()
         self.records.expire(now)
         self.providers.expire(now)
-
-    # ---- answering ----------------------------------------------------------------------
-
-    async def _handle_stream(self, stream: Stream) -> None:
-        peer = stream.remote_peer
-        if self._inbound[peer] >= MAX_INBOUND_STREAMS_PER_PEER:
-            logger.debug("resetting a kad stream from %s: too many at once", peer)
-            await stream.reset()
-            return
-        self._inbound[peer] += 1
-        try:
-            async with FramedStream(stream, MAX_MESSAGE_SIZE) as framed:
-                while True:
-                    # clients keep a stream for their next requests (see the module doc)
-                    with trio.fail_after(2 * self.config.stream_idle_timeout):
-                        data = await framed.receive()
-                    if data is None:
-                        break
-                    with trio.fail_after(self.config.request_timeout):
-                        answer = self._answer(peer, decode_message(data))
-                        if answer is not None:
-                            await framed.send(encode_message(_fit(answer)))
-        except (ModelNetError, trio.TooSlowError) as exc:  # the stream is reset by now
-            logger.debug("kad stream from %s ended: %r", peer, exc)
-        finally:
-            self._inbound[peer] -= 1
-            if not self._inbound[peer]:
-                del self._inbound[peer]
-
-    def _answer(self, peer: PeerID, request: KadMessage) -> KadMessage | None:
-        """The answer to one request (None: ADD_PROVIDER has none); raises to reset."""
-        if peer in self._kad_peers:
-            self._add_contact(peer, self._own_addrs.get(peer, ()))
-        key, kind = request.key, request.type
-        now = self._wall_clock()
-        if kind == MessageType.PING:
-            return KadMessage(MessageType.PING)
-        if kind == MessageType.PUT_VALUE:
-            record = request.record
-            if record is None or record.key != key:
-                raise RemoteProtocolError("PUT_VALUE without a record for its key")
-            if self.records.put(key, record.value, now):
-                return request
-            kept = self.records.get(key, now)
-            assert kept is not None  # put() keeps the old value only when there is one
-            return KadMessage(kind, key=key, record=KadRecord(key, kept.value, _rfc3339(kept.received)))
-        if kind == MessageType.ADD_PROVIDER:
-            if not self._provider_key(key):
-                logger.debug("%s announced a provider key outside our prefixes: %r ignored", peer, key[:40])
-                return None
-            for provider, addrs in self._peers(request.provider_peers):
-                if provider != peer:  # libp2p rule: a peer announces only itself
-                    logger.debug("%s announced %s as a provider: ignored", peer, provider)
-                    continue
-                if not addrs:  # the ones it gave itself when it connected
-                    addrs = list(self._own_addrs.get(peer, ()))
-                self.providers.add(key, provider, addrs, now)
-            return None
-        closer = tuple(KadPeer.from_peer(c.peer_id, c.addrs) for c in self.routing_table.closest(key, exclude=(peer,)))
-        if kind == MessageType.GET_VALUE:
-            stored = self.records.get(key, now)
-            record = None if stored is None else KadRecord(key, stored.value, _rfc3339(stored.received))
-            return KadMessage(kind, key=key, record=record, closer_peers=closer)
-        if kind == MessageType.GET_PROVIDERS:
-            # All we hold (the store keeps <= 100 a key, the wire allows 100): capping at k
-            # would hide the same oldest providers behind every answer.
-            held = self.providers.providers(key, now, MAX_PEERS)
-            providers = tuple(KadPeer.from_peer(p, addrs) for p, addrs in held)
-            return KadMessage(kind, key=key, provider_peers=providers, closer_peers=closer)
-        return KadMessage(kind, key=key, closer_peers=closer)  # FIND_NODE

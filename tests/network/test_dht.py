@@ -14,7 +14,8 @@ from modelnet.errors import ModelNetError
 from modelnet.identity import PrivateKey
 from modelnet.p2p.kad import BootstrapFailed, Config, KademliaDHT, RecordRejected
 from modelnet.p2p.errors import ProtocolNotSupported, StreamClosed
-from modelnet.p2p.kad.dht import MAX_INBOUND_STREAMS_PER_PEER, _fit
+from modelnet.p2p.kad.answerer import MAX_INBOUND_STREAMS_PER_PEER
+from modelnet.p2p.kad.peer_entries import fit
 from modelnet.p2p.kad.table import common_prefix_length, distance, kad_key
 from modelnet.p2p.memory import MemoryNetwork
 from modelnet.p2p.streams import FramedStream
@@ -457,16 +458,16 @@ def test_answers_are_trimmed_to_fit_addresses_first():
     peers = tuple(KadPeer.from_peer(key(i).peer_id, [f"/ip4/10.0.0.{j}/tcp/{4000 + i}" for j in range(8)]) for i in range(20))
     answer = KadMessage(MessageType.GET_PROVIDERS, key=b"/modelnet/cap/x", closer_peers=peers, provider_peers=peers)
     size = len(encode_message(answer))
-    assert _fit(answer, size) is answer
+    assert fit(answer, size) is answer
     # a little too big: the biggest entries lose their addresses, every peer stays
-    fitted = _fit(answer, size - 100)
+    fitted = fit(answer, size - 100)
     assert len(encode_message(fitted)) <= size - 100
     assert [p.id for p in fitted.closer_peers + fitted.provider_peers] == [p.id for p in peers + peers]
     assert 0 < sum(not p.addrs for p in fitted.closer_peers + fitted.provider_peers) < 40
     # far too big: peers go too, closer peers first
     bare = tuple(dataclasses.replace(p, addrs=()) for p in peers)
     budget = len(encode_message(KadMessage(MessageType.GET_PROVIDERS, key=b"/modelnet/cap/x", provider_peers=bare)))
-    fitted = _fit(answer, budget)
+    fitted = fit(answer, budget)
     assert len(encode_message(fitted)) <= budget
     assert fitted.closer_peers == () and fitted.provider_peers == bare
 
