@@ -255,4 +255,3 @@ def build_host(key: PrivateKey, listen: Sequence[multiaddr.Multiaddr], swarm_key
 
 async def _never_auto_dial() -> None:
     return None
-

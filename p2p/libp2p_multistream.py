@@ -109,4 +109,3 @@ async def accept(net_stream: INetStream, supported: Container[str]) -> tuple[str
             return protocol, reader.rest()
         await net_stream.write(reply + _delimited(_NOT_SUPPORTED))
         reply = b""
-

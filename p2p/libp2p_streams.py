@@ -152,4 +152,3 @@ class PrefixedNetStream:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._net_stream, name)
-

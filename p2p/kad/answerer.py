@@ -19,7 +19,16 @@ import trio
 from modelnet.errors import ModelNetError
 from modelnet.identity import PeerID
 from modelnet.protocols.errors import RemoteProtocolError
-from modelnet.protocols.kad import MAX_MESSAGE_SIZE, MAX_PEERS, KadMessage, KadPeer, KadRecord, MessageType, decode_message, encode_message
+from modelnet.protocols.kad import (
+    MAX_MESSAGE_SIZE,
+    MAX_PEERS,
+    KadMessage,
+    KadPeer,
+    KadRecord,
+    MessageType,
+    decode_message,
+    encode_message,
+)
 
 from ..host import Stream
 from ..streams import FramedStream
