@@ -8,8 +8,8 @@ opens a STOP stream on the reserved peer's connection, and once both say OK the 
 splices the two streams (:class:`RelayService`). The host then runs a whole connection
 over the spliced stream: on libp2p a Noise handshake and Yamux, exactly as over TCP, so
 the relay sees only ciphertext and the peer's identity is proved end to end; on the
-memory network a small muxer (:mod:`.memory`). Above the host nothing changes: a relayed
-peer is dialled, identified and streamed to like any other.
+memory network a small muxer (:mod:`.memory_circuit`). Above the host nothing changes:
+a relayed peer is dialled, identified and streamed to like any other.
 
 The relay enforces the spec's limits: a bounded number of reservations, each with a TTL
 and dropped when its peer disconnects; a bounded number of circuits, in all and per
