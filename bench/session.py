@@ -21,6 +21,7 @@ Run: ``python -m bench.session [--quick]``.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable, Mapping
@@ -102,7 +103,7 @@ def sans_io_grants(n: int, *, with_certificate: bool) -> float:
     provider, client = seeded_key(1, 9), seeded_key(2, 9)
     credentials = (membership(client, now).certificate.encode(),) if with_certificate else ()
     policy = access.AccessPolicy(orgs=(ORG.peer_id,))
-    offers = [session.ClientSession(client, provider=provider.peer_id, now=now).send_offer("echo", credentials) for _ in range(n)]
+    offers = [session.ClientSession(client, provider=provider.peer_id, now=now).send_offer("echo", credentials, nonce=os.urandom(session.NONCE_BYTES)) for _ in range(n)]
     limits = session.Limits(8, 65536, 600)
     started = time.perf_counter()
     for data in offers:
@@ -111,7 +112,7 @@ def sans_io_grants(n: int, *, with_certificate: bool) -> float:
         offer = machine.next_event()
         if with_certificate:
             access.check_access(policy, peer=client.peer_id, credentials=offer.credentials, now=now, is_revoked=lambda org, peer: False)
-        machine.send_grant(limits=limits, expires=now + 600)
+        machine.send_grant(grant_id=os.urandom(session.GRANT_ID_BYTES), limits=limits, expires=now + 600)
     return n / (time.perf_counter() - started)
 
 
@@ -202,7 +203,7 @@ def verification_costs(n: int) -> tuple[float, float]:
     public = record.sign(key, seq=1, expires=now + 3600).encode()
     secret = records_key(ORG)
     certificate = issue_certificate(ORG, "bench", key.peer_id, now=now, expires=now + 86400)
-    _, sealed = private.seal_record(key, record, records_key=secret, certificate=certificate, seq=1, expires=now + 3600)
+    _, sealed = private.seal_record(key, record, records_key=secret, certificate=certificate, seq=1, expires=now + 3600, nonce=os.urandom(private.NONCE_BYTES))
     sealed_bytes = sealed.encode()
     started = time.perf_counter()
     for _ in range(n):

@@ -341,6 +341,7 @@ class Node:
                 certificate=membership.certificate,  # members trust it only with this inside
                 seq=self._seq,
                 expires=min(expires, membership.certificate.expires),
+                nonce=os.urandom(private.NONCE_BYTES),
             )
             values.append((dht_key, sealed.encode()))
             provider_keys.extend(
@@ -716,7 +717,7 @@ class Node:
             with trio.fail_after(self.config.network_timeout):
                 async with open_stream(self.host, peer, session.SESSION_PROTOCOL) as stream:
                     credentials = () if anonymous else credentials_for(self.memberships, None if org is None else (org,), now=now)
-                    await stream.write(client.send_offer(capability, credentials))
+                    await stream.write(client.send_offer(capability, credentials, nonce=os.urandom(session.NONCE_BYTES)))
                     event = await next_event(stream, client)
         except trio.TooSlowError:
             stats.record_failure(trio.current_time())

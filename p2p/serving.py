@@ -34,6 +34,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 from collections import Counter, OrderedDict
 from typing import Any, Awaitable, Callable, Mapping, Sequence
 
@@ -184,6 +185,7 @@ class ModelServer:
             requests_per_minute=self.config.requests_per_minute_per_peer,
         )
         data, _ = provider.send_grant(
+            grant_id=os.urandom(session.GRANT_ID_BYTES),
             capability=tag,
             limits=limits,
             expires=min(now + self.config.session_ttl, until),

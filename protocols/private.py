@@ -34,19 +34,18 @@ Members of an organisation share its records key, so a revoked member can still 
 call, nor pose as a provider of) its private models until the organisation rotates the key
 (rotation is not built).
 
-Sans-IO: time is a parameter, nonces come from the OS.
+Sans-IO and deterministic: time and the sealing nonce are parameters.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import os
+
+from typing import Callable
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-
-from typing import Callable
 
 from modelnet.identity import IdentityError, PeerID, PrivateKey, SignedRecord, canonical, open_record
 from modelnet.identity.org import MembershipCertificate, WrongOrganisation, open_certificate, records_key_id
@@ -122,15 +121,19 @@ def seal_record(
     certificate: MembershipCertificate,
     seq: int,
     expires: float,
+    nonce: bytes,
 ) -> tuple[bytes, SignedRecord]:
     """Encrypt ``record`` with our membership ``certificate`` for its organisation and sign
-    the result with ``key``. Returns the DHT key to store it under and the signed value."""
+    the result with ``key``. Returns the DHT key to store it under and the signed value.
+
+    ``nonce`` is :data:`NONCE_BYTES` fresh random bytes, never used twice under one records
+    key: a repeated ChaCha20-Poly1305 nonce gives the plaintexts away."""
     if record.peer_id != key.peer_id:
         raise LocalProtocolError("a node seals only its own capability record")
     if certificate.member != key.peer_id:
         raise LocalProtocolError("a node seals its records with its own membership certificate")
+    check_bytes("sealing nonce", nonce, min_len=NONCE_BYTES, max_len=NONCE_BYTES)
     dht_key = private_node_key(records_key, key.peer_id)
-    nonce = os.urandom(NONCE_BYTES)
     plain = canonical.encode({"capabilities": record.to_payload(), "membership": certificate.encode()})
     sealed = _aead(records_key).encrypt(nonce, plain, dht_key)
     if len(sealed) > MAX_SEALED_BYTES:

@@ -13,6 +13,9 @@ grant is bound to the client's peer id, the capability and the offer's nonce; it
 by the provider and can be re-presented (``Grant.encode()``) on later reason requests until
 it expires. Each message is one frame holding a canonical msgpack map with a ``kind``.
 
+Sans-IO and deterministic: the clock (``now``) and the random values (the offer's nonce,
+the grant's id) are the caller's, so the same inputs give the same bytes.
+
 Offer payload: ``{capability, nonce, timestamp, credentials}``. Grant payload:
 ``{grant_id, client, capability, nonce, limits: {max_concurrent, max_input_bytes,
 requests_per_minute}, queue, capacity}``; the provider is the record's signer and the
@@ -22,7 +25,6 @@ expiry is the record's.
 from __future__ import annotations
 
 import dataclasses
-import secrets
 from typing import Any
 
 from modelnet.identity import PeerID, PrivateKey, SignedRecord, canonical, open_record
@@ -256,8 +258,10 @@ class ClientSession(Endpoint):
         self.now = now
         self.offer: Offer | None = None
 
-    def send_offer(self, capability: str, credentials: tuple[bytes, ...] = ()) -> bytes:
-        offer = Offer(capability, secrets.token_bytes(NONCE_BYTES), self.now, tuple(credentials))
+    def send_offer(self, capability: str, credentials: tuple[bytes, ...] = (), *, nonce: bytes) -> bytes:
+        """The signed offer for ``capability``. ``nonce`` is :data:`NONCE_BYTES` fresh random
+        bytes the grant must echo: a new one per offer, or old grants could be replayed."""
+        offer = Offer(capability, nonce, self.now, tuple(credentials))
         record = SignedRecord.sign(
             self._key,
             domain=DOMAIN,
@@ -332,6 +336,7 @@ class ProviderSession(Endpoint):
     def send_grant(
         self,
         *,
+        grant_id: bytes,
         limits: Limits,
         expires: float,
         queue: int = 0,
@@ -340,6 +345,7 @@ class ProviderSession(Endpoint):
     ) -> tuple[bytes, Grant]:
         """Grant the offered capability to the client until ``expires`` (unix seconds).
 
+        ``grant_id`` is :data:`GRANT_ID_BYTES` fresh random bytes naming this grant.
         ``capability``, if given, must be the one offered (a check, not a choice).
         """
         if self.state != DECIDING or self.offer is None:
@@ -351,7 +357,7 @@ class ProviderSession(Endpoint):
         expires = check_float("grant expires", expires)
         check_int("queue", queue, 0, _LIMIT_MAX)
         check_int("capacity", capacity, 0, _LIMIT_MAX)
-        grant_id = secrets.token_bytes(GRANT_ID_BYTES)
+        check_bytes("grant id", grant_id, min_len=GRANT_ID_BYTES, max_len=GRANT_ID_BYTES)
         payload = _grant_payload(
             grant_id, self.remote, self.offer.capability, self.offer.nonce, limits, queue, capacity
         )

@@ -69,7 +69,7 @@ async def offer(node, provider, capability: str, credentials=()):
     """A raw session offer, as an attacker would send it."""
     client = session.ClientSession(node.key, provider=provider.peer_id, now=virtual_wall_clock())
     async with open_stream(node.host, provider.peer_id, session.SESSION_PROTOCOL) as stream:
-        await stream.write(client.send_offer(capability, tuple(credentials)))
+        await stream.write(client.send_offer(capability, tuple(credentials), nonce=os.urandom(session.NONCE_BYTES)))
         return await next_event(stream, client)
 
 

@@ -264,7 +264,7 @@ async def test_an_answer_too_large_to_send_is_a_typed_internal_error(autojump_cl
 async def offer(asker, provider, credentials=()) -> session.Grant | session.Refusal:
     client = session.ClientSession(asker.key, provider=provider.peer_id, now=virtual_wall_clock())
     async with open_stream(asker.host, provider.peer_id, session.SESSION_PROTOCOL) as stream:
-        await stream.write(client.send_offer("echo", tuple(credentials)))
+        await stream.write(client.send_offer("echo", tuple(credentials), nonce=os.urandom(session.NONCE_BYTES)))
         return await next_event(stream, client)
 
 

@@ -5,6 +5,7 @@ them, or make a member use a tampered one."""
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, AsyncIterator, Mapping
 
 import pytest
@@ -133,7 +134,7 @@ async def test_a_non_member_who_knows_the_exact_key_gets_only_ciphertext(autojum
         # session is refused.
         client = session.ClientSession(outsider.key, provider=provider.peer_id, now=virtual_wall_clock())
         async with open_stream(outsider.host, provider.peer_id, session.SESSION_PROTOCOL) as stream:
-            await stream.write(client.send_offer("secret-task", ()))
+            await stream.write(client.send_offer("secret-task", (), nonce=os.urandom(session.NONCE_BYTES)))
             refusal = await next_event(stream, client)
         assert isinstance(refusal, session.Refusal) and refusal.code == session.FORBIDDEN
         assert access.NO_CREDENTIALS in refusal.reason

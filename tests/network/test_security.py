@@ -166,7 +166,7 @@ async def test_an_offer_replayed_on_another_connection_gets_no_grant(autojump_cl
     async with replay_swarm(backends) as swarm:
         provider, alice, mallory = swarm.nodes[HONEST], swarm.nodes[ASKER], swarm.nodes[OTHER_ASKER]
         # Mallory captured Alice's signed offer and sends it as her own.
-        offer = session.ClientSession(alice.key, provider=provider.peer_id, now=virtual_wall_clock()).send_offer("echo")
+        offer = session.ClientSession(alice.key, provider=provider.peer_id, now=virtual_wall_clock()).send_offer("echo", nonce=os.urandom(session.NONCE_BYTES))
         with trio.fail_after(10):
             async with open_stream(mallory.host, provider.peer_id, session.SESSION_PROTOCOL) as stream:
                 await stream.write(offer)
@@ -174,7 +174,7 @@ async def test_an_offer_replayed_on_another_connection_gets_no_grant(autojump_cl
                 while chunk := await stream.read():
                     data += chunk
         answer = session.ClientSession(mallory.key, provider=provider.peer_id, now=virtual_wall_clock())
-        answer.send_offer("echo")
+        answer.send_offer("echo", nonce=os.urandom(session.NONCE_BYTES))
         answer.receive_data(data)
         refusal = answer.next_event()
         assert isinstance(refusal, session.Refusal) and refusal.code == session.BAD_OFFER

@@ -29,6 +29,7 @@ ACME = records_key(ORG)
 OTHER = records_key(OTHER_ORG)
 KEY = PrivateKey.from_seed(b"\x01" * 32)
 MALLORY = PrivateKey.from_seed(b"\x02" * 32)
+NONCE = bytes(range(private.NONCE_BYTES))  # the caller draws it; fixed here, so runs repeat exactly
 
 
 def certificate(member: PrivateKey = KEY, org: PrivateKey = ORG, *, expires: float = NOW + 3600):
@@ -52,7 +53,7 @@ def sealed(
     key: PrivateKey = KEY, records_key: bytes = ACME, *, seq: int = 1, expires: float = NOW + 60, cert=None
 ) -> tuple[bytes, bytes]:
     cert = cert or certificate(key, ORG if records_key == ACME else OTHER_ORG)
-    dht_key, signed = private.seal_record(key, record_of(key), records_key=records_key, certificate=cert, seq=seq, expires=expires)
+    dht_key, signed = private.seal_record(key, record_of(key), records_key=records_key, certificate=cert, seq=seq, expires=expires, nonce=NONCE)
     return dht_key, signed.encode()
 
 
@@ -114,7 +115,7 @@ def test_forged_signed_by_another_key_or_expired_records_are_refused():
     dht_key, value = sealed()
     validator = private.PrivateRecordValidator()
     # Mallory seals a record under the victim's key: signed by the wrong peer.
-    _, mallory_value = private.seal_record(MALLORY, record_of(MALLORY), records_key=ACME, certificate=certificate(MALLORY), seq=9, expires=NOW + 60)
+    _, mallory_value = private.seal_record(MALLORY, record_of(MALLORY), records_key=ACME, certificate=certificate(MALLORY), seq=9, expires=NOW + 60, nonce=NONCE)
     with pytest.raises(WrongKey):
         validator.validate(dht_key, mallory_value.encode(), NOW)
     with pytest.raises(WrongKey):
@@ -187,15 +188,15 @@ def test_any_sealed_content_gives_a_typed_error_or_the_record(plain):
 
 def test_a_sealed_record_must_name_its_signer():
     with pytest.raises(LocalProtocolError):
-        private.seal_record(MALLORY, record_of(KEY), records_key=ACME, certificate=certificate(MALLORY), seq=1, expires=NOW + 60)
+        private.seal_record(MALLORY, record_of(KEY), records_key=ACME, certificate=certificate(MALLORY), seq=1, expires=NOW + 60, nonce=NONCE)
     with pytest.raises(LocalProtocolError):  # nor with another member's certificate
-        private.seal_record(KEY, record_of(KEY), records_key=ACME, certificate=certificate(MALLORY), seq=1, expires=NOW + 60)
+        private.seal_record(KEY, record_of(KEY), records_key=ACME, certificate=certificate(MALLORY), seq=1, expires=NOW + 60, nonce=NONCE)
 
 
 def test_select_keeps_the_newest_valid_value():
     dht_key, old = sealed(seq=1)
     _, new = sealed(seq=5)
-    _, forged = private.seal_record(MALLORY, record_of(MALLORY), records_key=ACME, certificate=certificate(MALLORY), seq=99, expires=NOW + 60)
+    _, forged = private.seal_record(MALLORY, record_of(MALLORY), records_key=ACME, certificate=certificate(MALLORY), seq=99, expires=NOW + 60, nonce=NONCE)
     validator = private.PrivateRecordValidator()
     assert validator.select(dht_key, [old, new]) == 1
     assert validator.select(dht_key, [new, old]) == 0
@@ -235,6 +236,6 @@ def test_any_key_bytes_parse_or_give_a_typed_error(data):
 def test_round_trip(names, org_seed, seq):
     org = PrivateKey.from_seed(org_seed)
     record, cert = record_of(KEY, *names), certificate(KEY, org)
-    _, signed = private.seal_record(KEY, record, records_key=records_key(org), certificate=cert, seq=seq, expires=NOW + 10)
+    _, signed = private.seal_record(KEY, record, records_key=records_key(org), certificate=cert, seq=seq, expires=NOW + 10, nonce=NONCE)
     opened, back, inside = open_record(signed.encode(), records_key=records_key(org), org=org)
     assert back == record and opened.seq == seq and inside == cert

@@ -35,6 +35,9 @@ PROVIDER = PrivateKey.from_seed(b"\x22" * 32)
 MALLORY = PrivateKey.from_seed(b"\x23" * 32)
 NOW = 1_700_000_000.0
 LIMITS = Limits(max_concurrent=4, max_input_bytes=65536, requests_per_minute=120)
+NONCE = bytes(range(16))  # the caller draws it; fixed here, so runs repeat exactly
+EARLIER_NONCE = bytes(range(16, 32))  # of an earlier offer
+GRANT_ID = bytes(range(32, 48))
 
 
 def pair(client=CLIENT, provider=PROVIDER):
@@ -46,7 +49,7 @@ def pair(client=CLIENT, provider=PROVIDER):
 
 def offer_exchange(capability="Chat", credentials=()):
     client, provider = pair()
-    provider.receive_data(client.send_offer(capability, credentials=credentials))
+    provider.receive_data(client.send_offer(capability, credentials=credentials, nonce=NONCE))
     offer = provider.next_event()
     return client, provider, offer
 
@@ -55,7 +58,7 @@ def test_grant_round_trip():
     client, provider, offer = offer_exchange(credentials=(b"org-cert",))
     assert offer == Offer("chat", client.offer.nonce, NOW, (b"org-cert",))
     assert provider.state == session.DECIDING
-    data, grant = provider.send_grant(limits=LIMITS, expires=NOW + 600, queue=2, capacity=5, capability="CHAT")
+    data, grant = provider.send_grant(grant_id=GRANT_ID, limits=LIMITS, expires=NOW + 600, queue=2, capacity=5, capability="CHAT")
     assert client.next_event() is None  # nothing received yet
     client.receive_data(data)
     received = client.next_event()
@@ -83,7 +86,7 @@ def test_refusal_round_trip():
 
 def test_bytes_arriving_one_at_a_time():
     client, provider = pair()
-    for byte in client.send_offer("chat"):
+    for byte in client.send_offer("chat", nonce=NONCE):
         assert provider.next_event() is None
         provider.receive_data(bytes([byte]))
     assert isinstance(provider.next_event(), Offer)
@@ -173,7 +176,7 @@ def test_a_bad_offer_can_still_be_refused_and_the_error_state_sticks():
     with pytest.raises(RemoteProtocolError):
         provider.next_event()  # the error state sticks
     with pytest.raises(LocalProtocolError):
-        provider.send_grant(limits=LIMITS, expires=NOW + 60)
+        provider.send_grant(grant_id=GRANT_ID, limits=LIMITS, expires=NOW + 60)
     assert provider.send_refusal(session.BAD_OFFER, "signer mismatch")
     assert provider.state == session.DONE
 
@@ -183,16 +186,16 @@ def test_a_bad_offer_can_still_be_refused_and_the_error_state_sticks():
 
 def grant_for(client_key, *, capability="chat", expires=NOW + 600):
     client, provider = pair(client=client_key)
-    provider.receive_data(client.send_offer(capability))
+    provider.receive_data(client.send_offer(capability, nonce=EARLIER_NONCE))
     provider.next_event()
-    data, grant = provider.send_grant(limits=LIMITS, expires=expires)
+    data, grant = provider.send_grant(grant_id=GRANT_ID, limits=LIMITS, expires=expires)
     return data, grant
 
 
 def test_a_grant_issued_to_another_client_is_refused():
     data, _ = grant_for(MALLORY)
     client, provider = pair()
-    provider.receive_data(client.send_offer("chat"))
+    provider.receive_data(client.send_offer("chat", nonce=NONCE))
     client.receive_data(data)
     with pytest.raises(GrantMismatch, match="issued to"):
         client.next_event()
@@ -209,7 +212,7 @@ def test_a_grant_issued_to_another_client_is_refused():
 def test_a_grant_for_another_offer_is_refused(capability, message):
     data, _ = grant_for(CLIENT, capability=capability)
     client, _ = pair()
-    client.send_offer("chat")
+    client.send_offer("chat", nonce=NONCE)
     client.receive_data(data)
     with pytest.raises(GrantMismatch, match=message):
         client.next_event()
@@ -217,7 +220,7 @@ def test_a_grant_for_another_offer_is_refused(capability, message):
 
 def test_an_expired_grant_is_refused():
     client, provider, _ = offer_exchange()
-    data, _ = provider.send_grant(limits=LIMITS, expires=NOW + 10)
+    data, _ = provider.send_grant(grant_id=GRANT_ID, limits=LIMITS, expires=NOW + 10)
     client.receive_data(data)
     client.now = NOW + 10
     with pytest.raises(RemoteProtocolError) as info:
@@ -228,9 +231,9 @@ def test_an_expired_grant_is_refused():
 def test_a_grant_signed_by_another_provider_is_refused():
     client = ClientSession(CLIENT, provider=MALLORY.peer_id, now=NOW)
     provider = ProviderSession(PROVIDER, remote=CLIENT.peer_id, now=NOW)
-    provider.receive_data(client.send_offer("chat"))
+    provider.receive_data(client.send_offer("chat", nonce=NONCE))
     provider.next_event()
-    client.receive_data(provider.send_grant(limits=LIMITS, expires=NOW + 60)[0])
+    client.receive_data(provider.send_grant(grant_id=GRANT_ID, limits=LIMITS, expires=NOW + 60)[0])
     with pytest.raises(RemoteProtocolError) as info:
         client.next_event()
     assert isinstance(info.value.__cause__, WrongKey)
@@ -238,7 +241,7 @@ def test_a_grant_signed_by_another_provider_is_refused():
 
 def test_a_tampered_grant_is_refused():
     client, provider, _ = offer_exchange()
-    data, grant = provider.send_grant(limits=LIMITS, expires=NOW + 60)
+    data, grant = provider.send_grant(grant_id=GRANT_ID, limits=LIMITS, expires=NOW + 60)
     record = grant.record
     inflated = canonical.decode(record.payload)
     inflated["limits"]["max_concurrent"] = 1000
@@ -294,29 +297,29 @@ def test_open_grant_refuses_malformed_payloads(change):
 
 def test_client_misuse():
     client, _ = pair()
-    client.send_offer("chat")
+    client.send_offer("chat", nonce=NONCE)
     with pytest.raises(LocalProtocolError):
-        client.send_offer("chat")
+        client.send_offer("chat", nonce=NONCE)
     with pytest.raises(LocalProtocolError):
-        ClientSession(CLIENT, provider=PROVIDER.peer_id, now=NOW).send_offer("not a tag")
+        ClientSession(CLIENT, provider=PROVIDER.peer_id, now=NOW).send_offer("not a tag", nonce=NONCE)
     with pytest.raises(LocalProtocolError):
-        ClientSession(CLIENT, provider=PROVIDER.peer_id, now=NOW).send_offer("chat", credentials=(b"x",) * 9)
+        ClientSession(CLIENT, provider=PROVIDER.peer_id, now=NOW).send_offer("chat", credentials=(b"x",) * 9, nonce=NONCE)
 
 
 def test_provider_misuse():
     _, provider = pair()
     with pytest.raises(LocalProtocolError):
-        provider.send_grant(limits=LIMITS, expires=NOW)  # no offer yet
+        provider.send_grant(grant_id=GRANT_ID, limits=LIMITS, expires=NOW)  # no offer yet
     client, provider, _ = offer_exchange()
     with pytest.raises(LocalProtocolError):
-        provider.send_grant(limits=(1, 2, 3), expires=NOW)
+        provider.send_grant(grant_id=GRANT_ID, limits=(1, 2, 3), expires=NOW)
     with pytest.raises(LocalProtocolError):
-        provider.send_grant(limits=LIMITS, expires=float("nan"))
+        provider.send_grant(grant_id=GRANT_ID, limits=LIMITS, expires=float("nan"))
     with pytest.raises(LocalProtocolError, match="the offer was for 'chat'"):
-        provider.send_grant(limits=LIMITS, expires=NOW + 60, capability="embed")
-    provider.send_grant(limits=LIMITS, expires=NOW + 60)
+        provider.send_grant(grant_id=GRANT_ID, limits=LIMITS, expires=NOW + 60, capability="embed")
+    provider.send_grant(grant_id=GRANT_ID, limits=LIMITS, expires=NOW + 60)
     with pytest.raises(LocalProtocolError):
-        provider.send_grant(limits=LIMITS, expires=NOW + 60)
+        provider.send_grant(grant_id=GRANT_ID, limits=LIMITS, expires=NOW + 60)
     with pytest.raises(LocalProtocolError):
         provider.send_refusal(session.INTERNAL, "too late")
 
@@ -346,7 +349,7 @@ def test_end_of_stream():
     provider.receive_data(b"")  # the client may close after its offer
     assert provider.next_event() is None
     truncated = ProviderSession(PROVIDER, remote=CLIENT.peer_id, now=NOW)
-    truncated.receive_data(ClientSession(CLIENT, provider=PROVIDER.peer_id, now=NOW).send_offer("chat")[:-1])
+    truncated.receive_data(ClientSession(CLIENT, provider=PROVIDER.peer_id, now=NOW).send_offer("chat", nonce=NONCE)[:-1])
     truncated.receive_data(b"")
     with pytest.raises(RemoteProtocolError, match="inside a frame"):
         truncated.next_event()
@@ -383,10 +386,10 @@ def test_events_validate_their_fields():
 )
 def test_round_trip_property(capability, credentials, limits, ttl, queue):
     client, provider = pair()
-    provider.receive_data(client.send_offer(capability, credentials=tuple(credentials)))
+    provider.receive_data(client.send_offer(capability, credentials=tuple(credentials), nonce=NONCE))
     offer = provider.next_event()
     assert (offer.capability, offer.credentials) == (capability, tuple(credentials))
-    data, grant = provider.send_grant(limits=limits, expires=NOW + ttl, queue=queue)
+    data, grant = provider.send_grant(grant_id=GRANT_ID, limits=limits, expires=NOW + ttl, queue=queue)
     client.receive_data(data)
     assert client.next_event() == grant
 
@@ -405,7 +408,7 @@ def expect_typed(endpoint, data):
 @given(st.binary(max_size=200))
 def test_any_bytes_into_either_side(data):
     client, provider = pair()
-    client.send_offer("chat")
+    client.send_offer("chat", nonce=NONCE)
     expect_typed(client, data)
     expect_typed(provider, data)
     expect_typed(ProviderSession(PROVIDER, remote=CLIENT.peer_id, now=NOW), encode_frame(data))
@@ -419,7 +422,7 @@ def test_any_bytes_into_either_side(data):
 def test_any_message_into_either_side(kind, fields):
     data = pack_message(kind, fields, max_frame=1 << 20)
     client, provider = pair()
-    client.send_offer("chat")
+    client.send_offer("chat", nonce=NONCE)
     expect_typed(client, data)
     expect_typed(provider, data)
 
